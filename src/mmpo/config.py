@@ -1,0 +1,251 @@
+"""Run configurations: dataclasses that the CLI is generated from, YAML loading and validation.
+
+Every field has a one-line docstring; ``mmpo train --help`` shows them. Fields left ``None``
+take the objective's default (SPEC.md) when the config is resolved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mmpo.world import bundled_path
+
+OBJECTIVE_DEFAULTS: dict[str, dict[str, float]] = {
+    # beta per SPEC.md; learning rates are those the embedded world was calibrated with.
+    "mmpo": {"beta": 0.01, "learning_rate": 5e-4},
+    "dpo": {"beta": 0.1, "learning_rate": 5e-4},
+    "simpo": {"beta": 2.0, "learning_rate": 1e-4},
+}
+LORA_ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot work; raised before any long work starts."""
+
+
+@dataclass
+class CommonConfig:
+    """Settings shared by SFT and preference training."""
+
+    model: str = field(default_factory=lambda: str(bundled_path("sft_model")))
+    """Model to train: a Hugging Face Hub id or a local folder (default: the bundled world's SFT model)."""
+    output_dir: str = "runs/mmpo"
+    """Run folder: checkpoints, metrics.jsonl, summary.json and config.yaml go here."""
+    seed: int = 42
+    """Seed for data order, initialization of new weights and sampling."""
+    epochs: int = 1
+    """Number of passes over the training data."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (-1: run all epochs)."""
+    learning_rate: float | None = None
+    """Peak learning rate (default: the objective's, see `mmpo.config.OBJECTIVE_DEFAULTS`)."""
+    per_device_batch_size: int = 8
+    """Examples (pairs, for preference training) per device per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches accumulated per optimizer step; global batch = this x per-device batch x devices."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.1
+    """Fraction of the optimizer steps spent in linear warm-up before the cosine decay."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """AdamW from torch, or 8-bit AdamW from bitsandbytes (must be installed)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention kernel passed to transformers."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora: bool = False
+    """Train LoRA adapters (PEFT) instead of all weights."""
+    lora_r: int = 64
+    """LoRA rank."""
+    lora_alpha: int = 64
+    """LoRA alpha (scaling = alpha / r)."""
+    lora_dropout: float = 0.01
+    """LoRA dropout."""
+    lora_target_modules: tuple[str, ...] = LORA_ALL_PROJECTIONS
+    """Module names that get LoRA adapters."""
+    trust_remote_code: bool = False
+    """Allow model code from the Hub to run (off unless you trust the model's repository)."""
+    logging_steps: int = 5
+    """Write a metrics line every this many optimizer steps."""
+    eval_steps: int = 0
+    """Evaluate on the validation split every this many optimizer steps (0: only at each epoch's end)."""
+    save_steps: int = 0
+    """Also write a checkpoint every this many optimizer steps (0: only one per epoch)."""
+    save_total_limit: int = 0
+    """Keep only the newest N step checkpoints (epoch checkpoints are always kept; 0 = keep all)."""
+    resume: bool = False
+    """Continue from the newest complete checkpoint in output_dir."""
+    report_to: tuple[str, ...] = ()
+    """Extra trackers through Accelerate: tensorboard, wandb, mlflow."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class SFTConfig(CommonConfig):
+    """Supervised fine-tuning on chat data (loss on assistant tokens only)."""
+
+    model: str = field(default_factory=lambda: str(bundled_path("sft_model")))
+    """Model to fine-tune: Hub id or local folder."""
+    dataset: tuple[str, ...] = field(default_factory=lambda: (str(bundled_path("data/sft_train.jsonl")),))
+    """Chat datasets, each 'PATH_OR_HUB_ID[:SPLIT][@WEIGHT]' (columns: messages, prompt/completion or instruction/output)."""
+    eval_dataset: tuple[str, ...] = field(default_factory=lambda: (str(bundled_path("data/sft_val.jsonl")),))
+    """Validation chat datasets, same form (empty: no validation)."""
+    output_dir: str = "runs/sft"
+    """Run folder."""
+    learning_rate: float | None = 1e-3
+    """Peak learning rate."""
+    max_length: int = 1024
+    """Truncate conversations to this many tokens (from the right)."""
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """Preference training with MMPO, DPO or SimPO."""
+
+    preset: str | None = None
+    """Paper preset: smollm2-135m, smollm2-360m, llama3.2-1b or llama3-8b (sets model, data and Table 3 settings)."""
+    objective: Literal["mmpo", "dpo", "simpo"] = "mmpo"
+    """Preference objective."""
+    dataset: tuple[str, ...] = field(default_factory=lambda: (str(bundled_path("data/prefs_train.jsonl")),))
+    """Preference datasets, each 'PATH_OR_HUB_ID[:SPLIT][@WEIGHT]' (a weighted mixture when several)."""
+    eval_dataset: tuple[str, ...] = field(default_factory=lambda: (str(bundled_path("data/prefs_test.jsonl")),))
+    """Validation preference datasets, same form (empty: no validation)."""
+    beta: float | None = None
+    """Objective temperature (default: MMPO 0.01, DPO 0.1, SimPO 2.0)."""
+    chosen_reward: float = 0.9
+    """MMPO eps_w: prior reward offset of the chosen completion."""
+    rejected_reward: float = 0.1
+    """MMPO eps_l: prior reward offset of the rejected completion."""
+    normalize: Literal["minmax", "none"] = "minmax"
+    """MMPO in-batch normalization of prior rewards ('none' is the ablation)."""
+    normalize_scope: Literal["micro", "step"] = "micro"
+    """Min-max statistics over one device's micro-batch (authors' code) or the whole optimizer step."""
+    aux_loss: bool = True
+    """MMPO: add the DPO-style auxiliary term on the normalized scores (--no-aux-loss is the ablation)."""
+    length_normalize: bool = False
+    """Use per-token mean log-probs instead of sums (ablation; SimPO always uses means)."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy surrogate subtracted from the loss (ablation; the paper uses beta)."""
+    gamma: float = 1.0
+    """SimPO target margin."""
+    max_prompt_length: int = 1800
+    """Truncate prompts from the left to this many tokens."""
+    max_completion_length: int = 512
+    """Truncate completions from the right to this many tokens."""
+    precompute_ref: bool = True
+    """Compute reference log-probs once before training and cache them on disk."""
+    cache_dir: str | None = None
+    """Reference log-prob cache folder (default: $MMPO_CACHE or ~/.cache/mmpo)."""
+    on_bad_rows: Literal["error", "skip"] = "error"
+    """Stop at the first malformed row, or skip such rows (they are counted and reported)."""
+
+
+def resolve(cfg: CommonConfig) -> CommonConfig:
+    """Fill objective-dependent defaults (beta, learning rate) and check every value."""
+    updates: dict[str, Any] = {}
+    if isinstance(cfg, TrainConfig):
+        defaults = OBJECTIVE_DEFAULTS[cfg.objective]
+        if cfg.beta is None:
+            updates["beta"] = defaults["beta"]
+        if cfg.learning_rate is None:
+            updates["learning_rate"] = defaults["learning_rate"]
+    elif cfg.learning_rate is None:
+        updates["learning_rate"] = 1e-4
+    cfg = dataclasses.replace(cfg, **updates)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: CommonConfig) -> None:
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {message} (got {getattr(cfg, key)!r})")
+
+    need(cfg.learning_rate is None or cfg.learning_rate > 0, "learning_rate", "must be > 0")
+    need(cfg.epochs >= 1, "epochs", "must be >= 1")
+    need(cfg.per_device_batch_size >= 1, "per_device_batch_size", "must be >= 1")
+    need(cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be >= 1")
+    need(cfg.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+    need(0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(cfg.lora_r >= 1, "lora_r", "must be >= 1")
+    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+    need(cfg.logging_steps >= 1, "logging_steps", "must be >= 1")
+    need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0")
+    need(cfg.save_steps >= 0, "save_steps", "must be >= 0")
+    need(bool(cfg.dataset), "dataset", "needs at least one dataset")
+    for tracker in cfg.report_to:
+        need(tracker in ("tensorboard", "wandb", "mlflow"), "report_to", "trackers are tensorboard, wandb, mlflow")
+    if isinstance(cfg, TrainConfig):
+        need(cfg.beta is None or cfg.beta > 0, "beta", "must be > 0")
+        need(cfg.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
+        need(cfg.max_completion_length >= 1, "max_completion_length", "must be >= 1")
+        need(cfg.entropy_coef >= 0, "entropy_coef", "must be >= 0")
+        need(cfg.chosen_reward > cfg.rejected_reward or cfg.objective != "mmpo", "chosen_reward",
+             "MMPO needs chosen_reward > rejected_reward")
+    if isinstance(cfg, SFTConfig):
+        need(cfg.max_length >= 2, "max_length", "must be >= 2")
+
+
+def config_fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def check_keys(cls: type, values: dict[str, Any], source: str) -> None:
+    """Reject unknown keys, naming them and the closest known key."""
+    known = config_fields(cls)
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
+    return values
+
+
+def from_dict(cls: type, values: dict[str, Any], source: str = "config", base: Any = None) -> Any:
+    """Build ``cls`` from plain values (YAML), on top of ``base`` (or the defaults)."""
+    check_keys(cls, values, source)
+    tuple_fields = {f.name for f in dataclasses.fields(cls) if "tuple" in str(f.type)}
+    clean = {k: (tuple(v) if k in tuple_fields and isinstance(v, list) else
+                 (v,) if k in tuple_fields and isinstance(v, str) else v) for k, v in values.items()}
+    base = base if base is not None else cls()
+    return dataclasses.replace(base, **clean)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# Keys whose change does not make a resumed run a different run.
+RESUME_NEUTRAL_KEYS = {"resume", "progress", "report_to", "logging_steps", "eval_steps", "save_steps",
+                       "save_total_limit", "epochs", "max_steps", "output_dir", "cache_dir"}
+
+
+def resume_mismatches(saved: dict[str, Any], current: Any) -> list[str]:
+    now = to_dict(current)
+    return sorted(k for k in set(saved) | set(now)
+                  if k not in RESUME_NEUTRAL_KEYS and saved.get(k) != now.get(k))
