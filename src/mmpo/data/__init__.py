@@ -1,0 +1,31 @@
+"""Data pipeline: load rows (``loading``), turn them into messages (``formats``), tokenize (``tokenize``)."""
+
+from mmpo.data.formats import (
+    DataError,
+    PreferenceConversation,
+    normalize_preference_row,
+    normalize_sft_row,
+)
+from mmpo.data.loading import DatasetSpec, load_dataset_rows, load_rows
+from mmpo.data.tokenize import (
+    DataReport,
+    examples_fingerprint,
+    prepare_preference_examples,
+    prepare_sft_examples,
+    require_chat_template,
+)
+
+__all__ = [
+    "DataError",
+    "DataReport",
+    "DatasetSpec",
+    "PreferenceConversation",
+    "examples_fingerprint",
+    "load_dataset_rows",
+    "load_rows",
+    "normalize_preference_row",
+    "normalize_sft_row",
+    "prepare_preference_examples",
+    "prepare_sft_examples",
+    "require_chat_template",
+]

@@ -1,0 +1,233 @@
+"""Load one dataset or a weighted mixture into a list of row dicts with stable ids.
+
+A dataset is named by a :class:`DatasetSpec`: a local JSON/JSONL/Parquet/Arrow file, a folder
+written by ``datasets.save_to_disk`` (or a folder of such data files), or a Hugging Face Hub id.
+:func:`load_rows` returns plain ``list[dict]`` rows (the original columns plus ``"id"``), which is
+what the formats/tokenize steps consume; the mixtures used here fit in memory comfortably.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmpo.data.formats import DataError
+
+LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet", ".arrow"}
+# What may follow the last ':' / '@' of a spec string to count as a split / a weight.
+_SPEC_PATTERN = re.compile(r"^(?P<path>.+?)(?::(?P<split>\w+))?(?:@(?P<weight>\d+(?:\.\d*)?|\.\d+))?$")
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset of a mixture.
+
+    ``weight`` is the fraction of the dataset's rows to use: 1.0 uses every row once, 0.25 a
+    seeded random quarter, 2.5 every row twice plus a seeded random half. ``label`` names the
+    dataset in row ids ("<label>:<split>:<row index>"); by default the last part of ``path``
+    without its file extension.
+    """
+
+    path: str
+    split: str = "train"
+    weight: float = 1.0
+    name: str | None = None
+    label: str = field(default="")
+
+    def __post_init__(self) -> None:
+        self.path = str(self.path)
+        if not self.path:
+            raise DataError("dataset spec has an empty path")
+        if not self.weight >= 0:  # also rejects NaN
+            raise DataError(f"dataset {self.path!r}: weight must be >= 0, got {self.weight}")
+        if not self.label:
+            self.label = Path(self.path.rstrip("/")).name.split(".")[0] or self.path
+        if ":" in self.label:
+            raise DataError(f"dataset {self.path!r}: label {self.label!r} must not contain ':' (it separates id parts)")
+
+    @classmethod
+    def parse(cls, text: str) -> DatasetSpec:
+        """Parse ``"path[:split][@weight]"``, e.g. ``"HuggingFaceH4/ultrafeedback_binarized:train_prefs@0.5"``.
+
+        Rule: ``@weight`` is taken from the end when it is a plain number; then ``:split`` is the
+        text after the last ':' when it is a split-like word (letters, digits, '_'). A string that
+        names an existing local file or folder is always taken whole as the path, so
+        ``data/a:b.jsonl`` and an existing file ``data/run:1`` stay paths.
+        """
+        text = text.strip()
+        if Path(text).expanduser().exists():
+            return cls(path=text)
+        match = _SPEC_PATTERN.match(text)
+        if match is None:  # pragma: no cover - the path group matches any non-empty text
+            raise DataError(f"cannot parse dataset spec {text!r}; expected 'path[:split][@weight]'")
+        path, split, weight = match["path"], match["split"], match["weight"]
+        return cls(path=path, split=split or "train", weight=float(weight) if weight else 1.0)
+
+
+def load_dataset_rows(spec: DatasetSpec) -> list[dict[str, Any]]:
+    """All rows of one dataset split, in their stored order, as plain dicts (no ids, no weighting)."""
+    local = Path(spec.path).expanduser()
+    if local.is_file():
+        return _read_local_file(local, spec)
+    if local.is_dir():
+        return _read_local_folder(local, spec)
+    if local.suffix in LOCAL_SUFFIXES or spec.path.startswith((".", "/", "~")):
+        raise DataError(f"dataset {spec.path!r}: no such local file or folder")
+    return _read_hub(spec)
+
+
+def load_rows(specs: Iterable[DatasetSpec | str], seed: int = 0) -> list[dict[str, Any]]:
+    """Load the datasets of ``specs``, weight them, and shuffle the mixture deterministically.
+
+    Returns a list of row dicts, each the original columns plus ``"id"`` =
+    ``"<label>:<split>:<row index>"`` (the row's index in its split; a row repeated by a weight
+    above 1 keeps its id, since it is the same data). An original ``id`` column is kept as
+    ``"source_id"``. The same specs and seed always give the same rows in the same order.
+    """
+    specs = [DatasetSpec.parse(spec) if isinstance(spec, str) else spec for spec in specs]
+    if not specs:
+        raise DataError("no datasets given")
+    seen: dict[tuple[str, str], str] = {}
+    for spec in specs:
+        key = (spec.label, spec.split)
+        if key in seen:
+            raise DataError(
+                f"datasets {seen[key]!r} and {spec.path!r} would both produce row ids '{spec.label}:{spec.split}:…'; "
+                "give one of them a different label"
+            )
+        seen[key] = spec.path
+
+    mixture: list[dict[str, Any]] = []
+    for spec in specs:
+        rows = load_dataset_rows(spec)
+        # Seed per dataset so that changing one dataset's weight leaves the others' picks alone.
+        picker = random.Random(f"{seed}:{spec.label}:{spec.split}")
+        for index in _weighted_indices(len(rows), spec.weight, picker):
+            mixture.append(_tag(rows[index], f"{spec.label}:{spec.split}:{index}"))
+    random.Random(seed).shuffle(mixture)
+    return mixture
+
+
+def _weighted_indices(count: int, weight: float, picker: random.Random) -> list[int]:
+    whole, fraction = divmod(weight, 1.0)
+    indices = list(range(count)) * int(whole)
+    indices += sorted(picker.sample(range(count), round(fraction * count)))
+    return indices
+
+
+def _tag(row: dict[str, Any], row_id: str) -> dict[str, Any]:
+    tagged = dict(row)
+    if "id" in tagged:
+        tagged["source_id"] = tagged["id"]
+    tagged["id"] = row_id
+    return tagged
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+def _read_local_file(path: Path, spec: DatasetSpec) -> list[dict[str, Any]]:
+    """A single file holds one split; ``spec.split`` then only names it in the row ids."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            return _read_jsonl(path)
+        if suffix == ".json":
+            return _read_json(path)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+        if suffix == ".arrow":
+            return _read_arrow(path)
+    except (OSError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"dataset {spec.path!r}: cannot read {suffix} file: {error}") from error
+    raise DataError(
+        f"dataset {spec.path!r}: unsupported file type {suffix!r}; use one of {sorted(LOCAL_SUFFIXES)}, "
+        "a folder written by datasets.save_to_disk, or a Hub id"
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"dataset {str(path)!r}: line {line_number} is not valid JSON ({error})") from error
+    return rows
+
+
+def _read_json(path: Path) -> list[dict[str, Any]]:
+    """A JSON array of rows, or an object with one list-valued key holding them (e.g. {"data": [...]})."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return _read_jsonl(path)  # many ".json" files are really JSON Lines
+    if isinstance(data, dict):
+        lists = [value for value in data.values() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise DataError(f"dataset {str(path)!r}: expected a JSON array of rows (or one key holding it)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"dataset {str(path)!r}: expected a JSON array of rows, got {type(data).__name__}")
+    return data
+
+
+def _read_arrow(path: Path) -> list[dict[str, Any]]:
+    """Arrow IPC stream (what ``datasets`` writes) or IPC file (Feather v2) format."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all().to_pylist()
+    except pa.ArrowInvalid:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_file(source).read_all().to_pylist()
+
+
+def _read_local_folder(path: Path, spec: DatasetSpec) -> list[dict[str, Any]]:
+    import datasets
+
+    if (path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if spec.split not in loaded:
+                raise DataError(f"dataset {spec.path!r}: no split {spec.split!r}; available splits: {sorted(loaded)}")
+            loaded = loaded[spec.split]
+        return loaded.to_list()
+    return _select_split(datasets.load_dataset(str(path), name=spec.name), spec).to_list()
+
+
+def _read_hub(spec: DatasetSpec) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(spec.path, name=spec.name, split=spec.split)
+    except (ConnectionError, OSError, datasets.exceptions.DatasetNotFoundError) as error:
+        config = f", config {spec.name!r}" if spec.name else ""
+        raise DataError(
+            f"dataset {spec.path!r} (split {spec.split!r}{config}) could not be loaded: it is not a local "
+            f"file or folder, and it could not be downloaded from the Hugging Face Hub (offline, no network "
+            f"or unknown id; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE force offline mode). Cause: {error}"
+        ) from error
+    except ValueError as error:  # e.g. an unknown split name
+        raise DataError(f"dataset {spec.path!r}: {error}") from error
+    return loaded.to_list()
+
+
+def _select_split(loaded: Any, spec: DatasetSpec) -> Any:
+    if spec.split not in loaded:
+        raise DataError(f"dataset {spec.path!r}: no split {spec.split!r}; available splits: {sorted(loaded)}")
+    return loaded[spec.split]
+
