@@ -30,7 +30,7 @@ class DatasetSpec:
     ``weight`` is the fraction of the dataset's rows to use: 1.0 uses every row once, 0.25 a
     seeded random quarter, 2.5 every row twice plus a seeded random half. ``label`` names the
     dataset in row ids ("<label>:<split>:<row index>"); by default the last part of ``path``
-    without its file extension.
+    without its file extension (any ':' in it becomes '_').
     """
 
     path: str
@@ -46,7 +46,7 @@ class DatasetSpec:
         if not self.weight >= 0:  # also rejects NaN
             raise DataError(f"dataset {self.path!r}: weight must be >= 0, got {self.weight}")
         if not self.label:
-            self.label = Path(self.path.rstrip("/")).name.split(".")[0] or self.path
+            self.label = (Path(self.path.rstrip("/")).name.split(".")[0] or self.path).replace(":", "_")
         if ":" in self.label:
             raise DataError(f"dataset {self.path!r}: label {self.label!r} must not contain ':' (it separates id parts)")
 

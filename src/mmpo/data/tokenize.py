@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from typing import Any
 
 from mmpo.data.formats import DataError, Message, PreferenceConversation, normalize_preference_row, normalize_sft_row
@@ -395,9 +395,11 @@ def _map_chunks(
         for chunk in _chunks(items, CHUNK_SIZE):
             yield from function(chunk, tokenizer, settings)
         return
-    # "spawn": forking a process that has torch/tokenizer threads running can deadlock.
+    # Workers only render templates and run the Rust tokenizer (never torch), so "fork" is safe and
+    # avoids re-importing torch in each worker; "spawn" where fork does not exist.
+    context = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
     with ProcessPoolExecutor(
-        max_workers=num_proc, mp_context=get_context("spawn"), initializer=_set_worker_tokenizer, initargs=(tokenizer,)
+        max_workers=num_proc, mp_context=context, initializer=_set_worker_tokenizer, initargs=(tokenizer,)
     ) as pool:
         chunks = list(_chunks(items, CHUNK_SIZE))
         for outcomes in pool.map(_run_in_worker, [function] * len(chunks), chunks, [settings] * len(chunks)):
@@ -411,15 +413,20 @@ def _stats(values: list[int]) -> dict[str, float]:
 # --- fingerprint ----------------------------------------------------------------------------
 
 
-def examples_fingerprint(examples: Sequence[dict[str, Any]]) -> str:
-    """sha256 over the examples' ids and token ids (every key of every example).
+FINGERPRINT_KEYS = ("id", "prompt_ids", "chosen_ids", "rejected_ids", "input_ids", "labels")
 
-    Order-independent (a multiset hash: the sorted per-example digests are hashed), so reshuffling
-    the same examples keeps the fingerprint; a cache keyed by it must therefore store its values
-    by example id, not by position.
+
+def examples_fingerprint(examples: Sequence[dict[str, Any]]) -> str:
+    """sha256 over the examples' ids and token ids (the ``FINGERPRINT_KEYS`` an example has).
+
+    Other keys (e.g. reference log-probs attached later) are ignored. Order-independent (the
+    sorted per-example digests are hashed), so reshuffling the same examples keeps the
+    fingerprint; a cache keyed by it must check or store its values by example id, not position.
     """
     digests = sorted(
-        hashlib.sha256(json.dumps(example, sort_keys=True, separators=(",", ":")).encode()).digest()
+        hashlib.sha256(
+            json.dumps({key: example[key] for key in FINGERPRINT_KEYS if key in example}, separators=(",", ":")).encode()
+        ).digest()
         for example in examples
     )
     combined = hashlib.sha256()
