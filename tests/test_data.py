@@ -45,8 +45,10 @@ VICUNA_TEMPLATE = (
 def chatml_tokenizer(tokenizer):
     """The fixture tokenizer with a BOS token, ChatML markers and a template that starts with the BOS."""
     tok = copy.deepcopy(tokenizer)
-    tok.add_special_tokens({"bos_token": "<|begin|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
-                           replace_extra_special_tokens=False)
+    tok.add_special_tokens(
+        {"bos_token": "<|begin|>", "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
+        replace_extra_special_tokens=False,
+    )
     tok.chat_template = CHATML_TEMPLATE
     return tok
 
@@ -220,7 +222,10 @@ def test_sft_layouts():
     ("row", "fragments"),
     [
         ({"id": "s:train:2", "text": "x"}, ["'s:train:2'", "found columns", "'text'", "messages"]),
-        ({"id": "s:train:2", "messages": [{"role": "user", "content": "Q"}]}, ["'s:train:2'", "'messages'", "assistant"]),
+        (
+            {"id": "s:train:2", "messages": [{"role": "user", "content": "Q"}]},
+            ["'s:train:2'", "'messages'", "assistant"],
+        ),
         ({"id": "s:train:2", "messages": [{"role": "user"}]}, ["'s:train:2'", "'messages'", "content"]),
         ({"id": "s:train:2", "prompt": "Q", "completion": ""}, ["'s:train:2'", "'completion'", "empty"]),
         ({"id": "s:train:2", "instruction": "Q", "output": None}, ["'s:train:2'", "'output'", "string"]),
@@ -248,8 +253,34 @@ def test_preference_tokens_are_template_rendering(tokenizer):
     assert_invariant(tokenizer, rows, examples)
 
 
-TRICKY = st.sampled_from([" ", "  ", "\n", "\n\n", "\t", "\r\n", "\u00a0", "<", "|", ">", ":", "é", "\u0301", "日本",
-                          "🙂", "Ġ", "Ċ", "the", " the", "banop", "0", "!", "<|", "|>"])
+TRICKY = st.sampled_from(
+    [
+        " ",
+        "  ",
+        "\n",
+        "\n\n",
+        "\t",
+        "\r\n",
+        "\u00a0",
+        "<",
+        "|",
+        ">",
+        ":",
+        "é",
+        "\u0301",
+        "日本",
+        "🙂",
+        "Ġ",
+        "Ċ",
+        "the",
+        " the",
+        "banop",
+        "0",
+        "!",
+        "<|",
+        "|>",
+    ]
+)
 TEXT = st.lists(st.one_of(TRICKY, st.text(min_size=1, max_size=6)), min_size=1, max_size=8).map("".join)
 
 
@@ -304,7 +335,9 @@ def test_truncation_prompt_left_completion_right(tokenizer):
         {"id": "x:train:0", "prompt": prompt, "chosen": "the lazy dog jumps", "rejected": "I am not sure"},
         {"id": "x:train:1", "prompt": "Hi", "chosen": "ok", "rejected": "no"},
     ]
-    full_examples, _ = prepare_preference_examples(rows, tokenizer, max_prompt_length=10**6, max_completion_length=10**6)
+    full_examples, _ = prepare_preference_examples(
+        rows, tokenizer, max_prompt_length=10**6, max_completion_length=10**6
+    )
     examples, report = prepare_preference_examples(rows, tokenizer, max_prompt_length=7, max_completion_length=3)
     long_full, long_cut = full_examples[0], examples[0]
     assert long_cut["prompt_ids"] == long_full["prompt_ids"][-7:]
@@ -320,7 +353,9 @@ def test_truncation_prompt_left_completion_right(tokenizer):
 
 
 def test_drops_are_counted_with_reasons(tokenizer):
-    rows = [{"id": f"d:train:{i}", "prompt": "Q", "chosen": f"the quick {i}", "rejected": f"the lazy {i}"} for i in range(7)]
+    rows = [
+        {"id": f"d:train:{i}", "prompt": "Q", "chosen": f"the quick {i}", "rejected": f"the lazy {i}"} for i in range(7)
+    ]
     _, report = prepare_preference_examples(rows, tokenizer, max_completion_length=0)
     assert report.kept == 0 and report.dropped == {"empty_completion": 7}
     assert report.dropped_ids["empty_completion"] == [f"d:train:{i}" for i in range(5)]
@@ -396,7 +431,12 @@ def test_num_proc_gives_the_same_examples(tokenizer):
     rng = random.Random(0)
     words = ["the", "quick", "banop", "zorbat", "fox", " ", "\n", "é"]
     rows = [
-        {"id": f"p:train:{i}", "prompt": f"Q{i} " + " ".join(rng.choices(words, k=5)), "chosen": f"yes {i}", "rejected": f"no {i}"}
+        {
+            "id": f"p:train:{i}",
+            "prompt": f"Q{i} " + " ".join(rng.choices(words, k=5)),
+            "chosen": f"yes {i}",
+            "rejected": f"no {i}",
+        }
         for i in range(600)  # more than one chunk
     ]
     serial, serial_report = prepare_preference_examples(rows, tokenizer)
@@ -481,9 +521,15 @@ def test_local_file_formats(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "b.json").write_text(json.dumps(rows))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "c.parquet")
-    with pa.OSFile(str(tmp_path / "d.arrow"), "wb") as sink, pa.ipc.new_stream(sink, pa.Table.from_pylist(rows).schema) as w:
+    with (
+        pa.OSFile(str(tmp_path / "d.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, pa.Table.from_pylist(rows).schema) as w,
+    ):
         w.write_table(pa.Table.from_pylist(rows))
-    with pa.OSFile(str(tmp_path / "e.arrow"), "wb") as sink, pa.ipc.new_file(sink, pa.Table.from_pylist(rows).schema) as w:
+    with (
+        pa.OSFile(str(tmp_path / "e.arrow"), "wb") as sink,
+        pa.ipc.new_file(sink, pa.Table.from_pylist(rows).schema) as w,
+    ):
         w.write_table(pa.Table.from_pylist(rows))
     datasets.DatasetDict(
         {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(preference_rows(2, "t"))}
@@ -528,8 +574,13 @@ def test_real_layouts_from_parquet_through_tokenization(tmp_path, tokenizer):
 
 def test_weighted_mixture_is_deterministic(tmp_path):
     (tmp_path / "small.jsonl").write_text("\n".join(json.dumps(r) for r in preference_rows(10, "s")))
-    (tmp_path / "big.jsonl").write_text("\n".join(json.dumps({**r, "id": i}) for i, r in enumerate(preference_rows(20, "b"))))
-    specs = [DatasetSpec(str(tmp_path / "small.jsonl"), weight=2.5), DatasetSpec(str(tmp_path / "big.jsonl"), weight=0.25)]
+    (tmp_path / "big.jsonl").write_text(
+        "\n".join(json.dumps({**r, "id": i}) for i, r in enumerate(preference_rows(20, "b")))
+    )
+    specs = [
+        DatasetSpec(str(tmp_path / "small.jsonl"), weight=2.5),
+        DatasetSpec(str(tmp_path / "big.jsonl"), weight=0.25),
+    ]
     mixture = load_rows(specs, seed=3)
     small = [r["id"] for r in mixture if r["id"].startswith("small:")]
     big = [r["id"] for r in mixture if r["id"].startswith("big:")]
@@ -555,7 +606,11 @@ def test_spec_parse(tmp_path):
     assert DatasetSpec.parse("HuggingFaceH4/orca_dpo_pairs") == DatasetSpec("HuggingFaceH4/orca_dpo_pairs", "train")
     spec = DatasetSpec.parse("HuggingFaceH4/ultrafeedback_binarized:train_prefs@0.5")
     assert (spec.path, spec.split, spec.weight, spec.label) == (
-        "HuggingFaceH4/ultrafeedback_binarized", "train_prefs", 0.5, "ultrafeedback_binarized")
+        "HuggingFaceH4/ultrafeedback_binarized",
+        "train_prefs",
+        0.5,
+        "ultrafeedback_binarized",
+    )
     assert DatasetSpec.parse("data/prefs.jsonl@2").weight == 2.0
     colon_file = DatasetSpec.parse("data/a:b.jsonl")  # "b.jsonl" is not a split name
     assert (colon_file.path, colon_file.split, colon_file.label) == ("data/a:b.jsonl", "train", "a_b")

@@ -79,13 +79,13 @@ def normalize_preference_row(row: Mapping[str, Any], index: int | str) -> Prefer
         prompt = _as_messages(prompt_value, where, "prompt", default_role="user")
         # Some datasets repeat the prompt turns at the start of chosen/rejected: drop that copy.
         if _starts_with(chosen, prompt) and _starts_with(rejected, prompt):
-            chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+            chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
     else:
         prefix = _shared_prefix(chosen, rejected)
         # The prompt never includes the final turn of either side (that is the completion).
         prefix = prefix[: min(len(prefix), len(chosen) - 1, len(rejected) - 1)] if prefix else prefix
         if prefix:
-            prompt, chosen, rejected = prefix, chosen[len(prefix):], rejected[len(prefix):]
+            prompt, chosen, rejected = prefix, chosen[len(prefix) :], rejected[len(prefix) :]
             if prompt_value is not None:
                 _check_prompt_matches(prompt_value, prompt, where)
         elif prompt_value is None:
@@ -102,7 +102,9 @@ def normalize_preference_row(row: Mapping[str, Any], index: int | str) -> Prefer
     _check_completion(chosen, where, "chosen")
     _check_completion(rejected, where, "rejected")
     if chosen == rejected:
-        raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a preference pair needs two different completions")
+        raise DataError(
+            f"{where}: 'chosen' and 'rejected' are identical; a preference pair needs two different completions"
+        )
     return PreferenceConversation(prompt=prompt, chosen=chosen, rejected=rejected)
 
 

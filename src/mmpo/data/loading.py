@@ -230,4 +230,3 @@ def _select_split(loaded: Any, spec: DatasetSpec) -> Any:
     if spec.split not in loaded:
         raise DataError(f"dataset {spec.path!r}: no split {spec.split!r}; available splits: {sorted(loaded)}")
     return loaded[spec.split]
-

@@ -130,6 +130,8 @@ class _Encoder:
 
 
 def _common_prefix_length(first: Sequence[int], *others: Sequence[int]) -> int:
+    if all(other[: len(first)] == first for other in others):  # the usual case, compared in C
+        return len(first)
     for position, token in enumerate(first):
         if any(position >= len(other) or other[position] != token for other in others):
             return position
@@ -383,7 +385,9 @@ def _set_worker_tokenizer(tokenizer: Any) -> None:
     _worker_tokenizer = tokenizer
 
 
-def _run_in_worker(function: Callable[..., list[dict[str, Any]]], chunk: list[Any], settings: Any) -> list[dict[str, Any]]:
+def _run_in_worker(
+    function: Callable[..., list[dict[str, Any]]], chunk: list[Any], settings: Any
+) -> list[dict[str, Any]]:
     return function(chunk, _worker_tokenizer, settings)
 
 
@@ -425,7 +429,9 @@ def examples_fingerprint(examples: Sequence[dict[str, Any]]) -> str:
     """
     digests = sorted(
         hashlib.sha256(
-            json.dumps({key: example[key] for key in FINGERPRINT_KEYS if key in example}, separators=(",", ":")).encode()
+            json.dumps(
+                {key: example[key] for key in FINGERPRINT_KEYS if key in example}, separators=(",", ":")
+            ).encode()
         ).digest()
         for example in examples
     )
