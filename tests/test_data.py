@@ -181,6 +181,15 @@ BAD_PREFERENCE_ROWS = [
     (
         {
             "id": "d:train:4",
+            "prompt": "Q",
+            "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+            "rejected": [{"role": "user", "content": "Q "}, {"role": "assistant", "content": "B"}],
+        },
+        ["'d:train:4'", "'chosen'", "'user' message in its completion"],
+    ),
+    (
+        {
+            "id": "d:train:4",
             "chosen": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A"}],
             "rejected": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "B"}],
         },

@@ -234,3 +234,10 @@ def _check_completion(completion: list[Message], where: str, column: str) -> Non
         )
     if not completion[-1]["content"].strip():
         raise DataError(f"{where}: column {column!r} has an empty assistant completion")
+    stray = [message["role"] for message in completion if message["role"] in ("user", "system")]
+    if stray:
+        raise DataError(
+            f"{where}: column {column!r} has a {stray[0]!r} message in its completion; completions hold "
+            "assistant (or tool) turns only, so every earlier turn must be part of the prompt "
+            "(shared by 'chosen' and 'rejected')"
+        )
