@@ -147,7 +147,7 @@ class TrainConfig(CommonConfig):
     """Compute reference log-probs once before training and cache them on disk."""
     cache_dir: str | None = None
     """Reference log-prob cache folder (default: $MMPO_CACHE or ~/.cache/mmpo)."""
-    on_bad_rows: Literal["error", "skip"] = "error"
+    on_bad_rows: Literal["raise", "skip"] = "raise"
     """Stop at the first malformed row, or skip such rows (they are counted and reported)."""
 
 

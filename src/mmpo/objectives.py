@@ -67,6 +67,8 @@ def _check_shapes(*tensors: torch.Tensor) -> None:
     shape = tensors[0].shape
     if len(shape) != 1:
         raise ValueError(f"objectives take 1-D tensors (one value per pair), got shape {tuple(shape)}")
+    if shape[0] == 0:
+        raise ValueError("empty batch: objectives need at least one pair")
     for t in tensors[1:]:
         if t.shape != shape:
             raise ValueError(f"all inputs must have the same shape, got {tuple(shape)} and {tuple(t.shape)}")
@@ -197,12 +199,17 @@ def entropy_surrogate(
     """
     if not (token_entropies.shape == token_logps.shape == mask.shape):
         raise ValueError("token_entropies, token_logps and mask must have the same [N, T] shape")
+    if token_entropies.dim() != 2:
+        raise ValueError(f"entropy_surrogate takes [N, T] tensors, got shape {tuple(token_entropies.shape)}")
     entropies, logps = _upcast(token_entropies, token_logps)
-    mask = mask.to(entropies.dtype)
-    logps = logps * mask
+    keep = mask.bool()
+    # where(), not multiplication: -inf * 0 is NaN, and padding must contribute nothing.
+    zero = torch.zeros((), dtype=entropies.dtype, device=entropies.device)
+    entropies = torch.where(keep, entropies, zero)
+    logps = torch.where(keep, logps, zero)
     prefix = torch.cumsum(logps, dim=-1) - logps  # exclusive: c_1 = 0
-    per_token = (entropies + entropies.detach() * prefix) * mask
-    total = per_token.sum(-1)
+    per_token = entropies + entropies.detach() * prefix
+    total = torch.where(keep, per_token, zero).sum(-1)
     if length_normalize:
-        total = total / mask.sum(-1).clamp(min=1)
+        total = total / keep.sum(-1).clamp(min=1)
     return total
