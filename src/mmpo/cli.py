@@ -15,6 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from mmpo.config import ConfigError, SFTConfig, TrainConfig, from_dict, load_yaml
+from mmpo.data import DataError
 
 console = Console(stderr=True)
 
@@ -104,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     command, _ = COMMANDS[argv[0]]
     try:
         return command(argv[1:])
-    except ConfigError as err:
-        console.print(f"[bold red]error:[/] {err}")
+    except (ConfigError, DataError) as err:
+        hint = " (pass --on-bad-rows skip to skip and count such rows)" if isinstance(err, DataError) else ""
+        console.print(f"[bold red]error:[/] {err}{hint}")
         return 2
 
 

@@ -89,6 +89,8 @@ class CommonConfig:
     """Extra trackers through Accelerate: tensorboard, wandb, mlflow."""
     progress: bool = True
     """Show a progress bar."""
+    on_bad_rows: Literal["raise", "skip"] = "raise"
+    """Stop at the first malformed row (default), or skip such rows (they are counted and reported)."""
 
 
 @dataclass
@@ -147,8 +149,6 @@ class TrainConfig(CommonConfig):
     """Compute reference log-probs once before training and cache them on disk."""
     cache_dir: str | None = None
     """Reference log-prob cache folder (default: $MMPO_CACHE or ~/.cache/mmpo)."""
-    on_bad_rows: Literal["raise", "skip"] = "raise"
-    """Stop at the first malformed row, or skip such rows (they are counted and reported)."""
 
 
 def resolve(cfg: CommonConfig) -> CommonConfig:

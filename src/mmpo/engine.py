@@ -513,13 +513,13 @@ def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) ->
     _prepare_run_dir(cfg, accelerator)
     tokenizer = tokenizer or load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     train_examples, report = prepare_sft_examples(load_rows(_specs(cfg.dataset), seed=cfg.seed), tokenizer,
-                                                  max_length=cfg.max_length)
+                                                  max_length=cfg.max_length, on_error=cfg.on_bad_rows)
     _fail_fast_data("SFT", report)
     accelerator.print(f"SFT data: {report.summary()}")
     eval_examples = []
     if cfg.eval_dataset:
         eval_examples, _ = prepare_sft_examples(load_rows(_specs(cfg.eval_dataset), seed=cfg.seed), tokenizer,
-                                                max_length=cfg.max_length)
+                                                max_length=cfg.max_length, on_error=cfg.on_bad_rows)
     model = model if model is not None else load_model(cfg, train_dropout=True)
     model.to(accelerator.device)
     pad = tokenizer.pad_token_id
