@@ -8,22 +8,23 @@ command line override them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
 
+import tyro
 from rich.console import Console
 
 from mmpo.config import ConfigError, SFTConfig, TrainConfig, from_dict, load_yaml
 from mmpo.data import DataError
+from mmpo.evaluation.checkpoint_eval import EvalSettings
 
 console = Console(stderr=True)
 
 
 def _parse_config(cls: type, argv: list[str], prog: str, description: str) -> Any:
     """``--config`` YAML as defaults, then tyro for the flags."""
-    import tyro
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
@@ -89,9 +90,30 @@ def cmd_world(argv: list[str]) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class EvalArgs(EvalSettings):
+    checkpoint: tyro.conf.Positional[str] = "runs/mmpo"
+    """Run folder (its newest checkpoint), checkpoint folder, model folder or Hub id."""
+
+
+def cmd_eval(argv: list[str]) -> int:
+    from mmpo.evaluation.checkpoint_eval import evaluate_checkpoint, summary_lines
+
+    args = tyro.cli(EvalArgs, args=argv, prog="mmpo eval", description=(
+        "Evaluate a checkpoint: reward accuracy, win-rate against the baseline (SFT) model, and "
+        "lm-eval retention. With no arguments: the run of `mmpo train` on the bundled world."))
+    settings = EvalSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings)})
+    results = evaluate_checkpoint(args.checkpoint, settings, say=console.print)
+    console.rule("[bold]evaluation")
+    for line in summary_lines(results):
+        console.print(line)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "sft": (cmd_sft, "supervised fine-tuning on chat data"),
     "train": (cmd_train, "preference training: MMPO, DPO, SimPO and the ablations"),
+    "eval": (cmd_eval, "evaluate a checkpoint: reward accuracy, win-rate, lm-eval retention"),
     "world": (cmd_world, "build the embedded offline world (tokenizer, tiny model, data)"),
 }
 
