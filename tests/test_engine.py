@@ -186,3 +186,30 @@ def test_cli_rejects_unknown_yaml_key(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "unknown config key 'betta'" in proc.stderr and "beta" in proc.stderr
+
+
+def test_lora_run_uses_base_as_reference_and_saves_an_adapter(tmp_path, tiny_model_dir, prefs):
+    result = train(config(tmp_path, tiny_model_dir, prefs, lora=True, lora_r=4, lora_alpha=8, max_steps=2,
+                          learning_rate=1e-2, lora_target_modules=("q_proj", "v_proj")))
+    model_dir = Path(result.summary["final_model"])
+    assert (model_dir / "adapter_config.json").is_file() and not (model_dir / "model.safetensors").exists()
+    evals = [r for r in result.metrics if "eval_rewards/accuracies" in r]
+    # Before training the adapters are zero, so the policy equals the reference: MMPO scores differ
+    # only by the normalized priors, and DPO-style rewards would be exactly 0.
+    assert evals[0]["step"] == 0
+    from peft import AutoPeftModelForCausalLM
+
+    AutoPeftModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_preset_fills_paper_settings_but_explicit_values_win():
+    from mmpo.presets import apply_preset
+
+    cfg = apply_preset(TrainConfig(preset="llama3.2-1b", objective="dpo", epochs=2))
+    assert cfg.model == "meta-llama/Llama-3.2-1B-Instruct" and cfg.lora and cfg.lora_r == 64
+    assert cfg.learning_rate == 5e-4 and cfg.optimizer == "adamw_8bit" and cfg.epochs == 2
+    assert cfg.per_device_batch_size * cfg.gradient_accumulation_steps * 4 == 128
+    simpo = apply_preset(TrainConfig(preset="smollm2-135m", objective="simpo"))
+    assert simpo.gamma == 1.6 and simpo.learning_rate == 1e-4 and not simpo.lora
+    with pytest.raises(ConfigError, match="unknown preset"):
+        apply_preset(TrainConfig(preset="gpt5"))
