@@ -2,17 +2,41 @@
 
 The data loader hands over lists of tokenized examples (see docs/architecture.md) and this module
 builds the tensors, so the layout (padding, shared prompt, packing) is decided here and nowhere
-else. The padded path below is the plain reference implementation every faster path must match.
+else. ``preference_logps`` and ``sft_loss`` without ``options`` run the plain padded path: the
+reference every faster path must match (tests/test_forward.py checks log-probs and gradients).
+
+The fast paths (``ForwardOptions``, all exact, see docs/performance.md):
+
+* **shared prompt** - a pair is one sequence ``prompt + chosen + rejected``; a 4D attention mask
+  hides the chosen tokens from the rejected ones and position ids restart after the prompt, so
+  the prompt is computed once and the rejected tokens see exactly what they would see alone.
+* **packing** - several sequences (or pairs) share a row, block-diagonal mask and per-sequence
+  positions, instead of one padded row each.
+* **chunked log-probs** - only the positions that predict a completion token go through the LM
+  head, a chunk at a time under activation checkpointing, so ``[tokens, vocab]`` float32 logits
+  exist for one chunk only, in the forward and in the backward pass.
+
+A layout that needs a 4D mask is used only with attention kernels that honour one (``sdpa``,
+``eager``) and after a one-time probe on the model shows it matches the padded path; otherwise
+the padded path runs, with a warning once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mmpo.objectives import entropy_surrogate
+
+#: Attention kernels of transformers that apply a custom 4D mask exactly (tests/test_forward.py).
+MASK_4D_KERNELS = ("sdpa", "eager")
 
 
 @dataclass
@@ -31,6 +55,34 @@ class PreferenceLogps:
         """Per-token mean log-probs (the length-normalization ablation, SimPO)."""
         return (self.chosen_logps / self.chosen_lengths.clamp(min=1),
                 self.rejected_logps / self.rejected_lengths.clamp(min=1))
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """Which exact speed-ups the forward pass uses (the config's ``# forward pass (speed)`` keys)."""
+
+    share_prompt: bool = True
+    """Preference pairs: prompt + chosen + rejected as one sequence, the prompt computed once."""
+    packing: bool = True
+    """Several sequences per row, without padding between them."""
+    logits_chunk_size: int = 256
+    """Tokens scored per LM-head chunk (0: all scored positions at once, still only those)."""
+
+    def __post_init__(self):
+        if self.logits_chunk_size < 0:
+            raise ValueError(f"logits_chunk_size must be >= 0, got {self.logits_chunk_size}")
+
+    @classmethod
+    def from_config(cls, cfg) -> ForwardOptions:
+        """Options of a ``TrainConfig``/``SFTConfig`` (fields missing on the config keep the default)."""
+        default = cls()
+        return cls(share_prompt=getattr(cfg, "share_prompt", default.share_prompt),
+                   packing=getattr(cfg, "packing", default.packing),
+                   logits_chunk_size=getattr(cfg, "logits_chunk_size", default.logits_chunk_size))
+
+
+# --------------------------------------------------------------------------------------------
+# The plain padded path (the reference)
 
 
 def pad_sequences(sequences: list[list[int]], pad_value: int, device: torch.device | None = None) -> torch.Tensor:
@@ -61,20 +113,7 @@ def _completion_rows(examples: list[dict]) -> tuple[list[list[int]], list[int]]:
     return rows, prompt_lengths
 
 
-def preference_logps(
-    model: torch.nn.Module,
-    examples: list[dict],
-    *,
-    pad_token_id: int,
-    compute_entropy: bool = False,
-    length_normalize: bool = False,
-) -> PreferenceLogps:
-    """Summed completion log-probs of chosen and rejected for each example (padded path).
-
-    Chosen and rejected rows go through the model as one ``[2B, T]`` batch, right-padded.
-    The token at position ``t`` is scored by the logits at ``t - 1``; only completion tokens
-    (including the closing end-of-turn token) count.
-    """
+def _padded_preference_logps(model, examples, *, pad_token_id, compute_entropy, length_normalize) -> PreferenceLogps:
     device = next(model.parameters()).device
     rows, prompt_lengths = _completion_rows(examples)
     input_ids = pad_sequences(rows, pad_token_id, device)
@@ -103,8 +142,7 @@ def preference_logps(
     return result
 
 
-def sft_loss(model: torch.nn.Module, examples: list[dict], *, pad_token_id: int) -> tuple[torch.Tensor, int, int]:
-    """Mean cross-entropy over assistant tokens of a micro-batch; also (target tokens, all tokens)."""
+def _padded_sft_loss(model, examples, *, pad_token_id) -> tuple[torch.Tensor, int, int]:
     device = next(model.parameters()).device
     input_ids = pad_sequences([ex["input_ids"] for ex in examples], pad_token_id, device)
     labels = pad_sequences([ex["labels"] for ex in examples], -100, device)
@@ -117,3 +155,362 @@ def sft_loss(model: torch.nn.Module, examples: list[dict], *, pad_token_id: int)
     num_targets = int(mask.sum())
     loss = -(token_logps * mask).sum() / max(num_targets, 1)
     return loss, num_targets, int(lengths.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts: where every token sits, what it may attend to, which positions get scored
+
+SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch of a token: a token sees SHARED tokens and its own branch
+
+
+@dataclass
+class _Unit:
+    """What is placed in a row as a whole: one sequence, or a pair sharing its prompt."""
+
+    tokens: list[int]
+    positions: list[int]
+    branches: list[int]
+    predictors: list[int]  # offset (within the unit) of the position whose output scores each target
+    targets: list[int]
+    sequences: list[int]  # which logical sequence each target belongs to
+    steps: list[int]  # rank of each target within its sequence's scored tokens
+
+
+def _sequence_unit(tokens: list[int], labels: list[int], sequence: int) -> _Unit:
+    """A plain sequence; each position ``t >= 1`` whose label is not -100 is scored against it."""
+    scored = [t for t in range(1, len(tokens)) if labels[t] != -100]
+    return _Unit(tokens=list(tokens), positions=list(range(len(tokens))), branches=[SHARED] * len(tokens),
+                 predictors=[t - 1 for t in scored], targets=[labels[t] for t in scored],
+                 sequences=[sequence] * len(scored), steps=list(range(len(scored))))
+
+
+def _shared_prompt_unit(prompt: list[int], chosen: list[int], rejected: list[int], pair: int, num_pairs: int) -> _Unit:
+    """``prompt + chosen + rejected`` in one sequence; rejected positions restart after the prompt."""
+    p, c, r = len(prompt), len(chosen), len(rejected)
+    unit = _Unit(tokens=prompt + chosen + rejected,
+                 positions=list(range(p + c)) + list(range(p, p + r)),
+                 branches=[SHARED] * p + [CHOSEN] * c + [REJECTED] * r,
+                 predictors=[], targets=[], sequences=[], steps=[])
+    for sequence, start, completion in ((pair, p, chosen), (num_pairs + pair, p + c, rejected)):
+        scored = [j for j in range(len(completion)) if p + j > 0]  # a sequence's first token has no predictor
+        unit.predictors += [p - 1 if j == 0 else start + j - 1 for j in scored]
+        unit.targets += [completion[j] for j in scored]
+        unit.sequences += [sequence] * len(scored)
+        unit.steps += list(range(len(scored)))
+    return unit
+
+
+@dataclass
+class _Layout:
+    input_ids: torch.Tensor  # [R, W]
+    position_ids: torch.Tensor | None  # [R, W] (None: 0..W-1 in every row)
+    attention_mask: torch.Tensor  # [R, W] padding mask, or [R, 1, W, W] when rows hold more than a sequence
+    predictors: torch.Tensor  # [N] flat index into the [R * W] outputs
+    targets: torch.Tensor  # [N]
+    sequences: torch.Tensor  # [N]
+    steps: torch.Tensor  # [N]
+    num_tokens: int
+
+
+def _assign_rows(lengths: list[int], packing: bool) -> list[list[int]]:
+    """Units per row. Packing is first-fit decreasing into rows no wider than the longest unit,
+    so a packed batch never costs more attention or more tokens than the padded one."""
+    if not packing:
+        return [[i] for i in range(len(lengths))]
+    capacity = max(lengths)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return rows
+
+
+def _build_layout(units: list[_Unit], *, packing: bool, pad_token_id: int, device, mask_kind: str) -> _Layout:
+    rows = _assign_rows([len(u.tokens) for u in units], packing)
+    width = max(sum(len(units[i].tokens) for i in row) for row in rows)
+    tokens, positions, segments, branches = [], [], [], []
+    predictors, targets, sequences, steps = [], [], [], []
+    for r, row in enumerate(rows):
+        row_tokens, row_positions, row_segments, row_branches = [], [], [], []
+        for i in row:
+            unit, offset = units[i], r * width + len(row_tokens)
+            predictors += [offset + k for k in unit.predictors]
+            targets += unit.targets
+            sequences += unit.sequences
+            steps += unit.steps
+            row_tokens += unit.tokens
+            row_positions += unit.positions
+            row_segments += [i] * len(unit.tokens)
+            row_branches += unit.branches
+        pad = width - len(row_tokens)
+        tokens.append(row_tokens + [pad_token_id] * pad)
+        positions.append(row_positions + [0] * pad)
+        segments.append(row_segments + [-1] * pad)
+        branches.append(row_branches + [SHARED] * pad)
+
+    def tensor(values):
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    segment = tensor(segments)
+    simple = all(len(row) == 1 for row in rows) and all(b == SHARED for unit in units for b in unit.branches)
+    if simple:  # one plain sequence per row: an ordinary padding mask does
+        attention_mask, position_ids = (segment >= 0).long(), None
+    else:
+        attention_mask, position_ids = _block_mask(segment, tensor(branches), mask_kind), tensor(positions)
+    return _Layout(input_ids=tensor(tokens), position_ids=position_ids, attention_mask=attention_mask,
+                   predictors=tensor(predictors), targets=tensor(targets), sequences=tensor(sequences),
+                   steps=tensor(steps), num_tokens=sum(len(u.tokens) for u in units))
+
+
+def _block_mask(segment: torch.Tensor, branch: torch.Tensor, kind: str) -> torch.Tensor:
+    """``[R, 1, W, W]`` mask: query q sees key k iff same unit, k not after q, and k is a shared
+    token or on q's own branch. Padding sees itself only (a fully masked row would give NaN)."""
+    width = segment.shape[1]
+    index = torch.arange(width, device=segment.device)
+    causal = index[None, :, None] >= index[None, None, :]
+    same_unit = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0)
+    visible_branch = (branch[:, None, :] == SHARED) | (branch[:, None, :] == branch[:, :, None])
+    allowed = (same_unit & causal & visible_branch) | (index[:, None] == index[None, :])
+    allowed = allowed[:, None]
+    if kind == "bool":
+        return allowed
+    dtype = torch.float32 if kind == "float32" else kind
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+# --------------------------------------------------------------------------------------------
+# Running the model and scoring
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside DDP/compile/PEFT wrappers (for config, decoder and head)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def _mask_kind(model: torch.nn.Module) -> str | torch.dtype | None:
+    """The 4D mask the model's attention kernel applies exactly, or None when it has none.
+
+    sdpa takes a boolean mask; eager *adds* the mask to the scores, so it needs an additive one
+    (a boolean mask there silently gives wrong numbers)."""
+    kernel = getattr(_unwrap(model).config, "_attn_implementation", None)
+    if kernel == "sdpa":
+        return "bool"
+    if kernel == "eager":
+        return next(model.parameters()).dtype
+    return None
+
+
+def _hidden_states(model: torch.nn.Module, layout: _Layout) -> torch.Tensor:
+    """Final hidden states ``[R, W, d]`` (after the last norm), through the model's own forward.
+
+    The model is called as a whole (so DDP, PEFT and hooks see an ordinary forward) with
+    ``logits_to_keep=1``; the decoder's output is taken with a forward hook."""
+    base = _unwrap(model)
+    captured = []
+    handle = base.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out[0]))
+    kwargs = dict(input_ids=layout.input_ids, attention_mask=layout.attention_mask, use_cache=False)
+    if layout.position_ids is not None:
+        kwargs["position_ids"] = layout.position_ids
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        kwargs["logits_to_keep"] = 1
+    try:
+        model(**kwargs)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _score_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
+    logps, entropy = token_logps_and_entropy(head(hidden), targets, with_entropy=with_entropy)
+    return (logps, entropy) if with_entropy else (logps,)
+
+
+def score_hidden(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, with_entropy: bool = False,
+                 chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Target log-probs (and entropies) ``[N]`` of hidden states ``[N, d]`` through the LM head.
+
+    With ``chunk_size > 0`` each chunk's logits are recomputed in the backward pass
+    (``torch.utils.checkpoint``) instead of being kept, so at most one chunk of ``[chunk, vocab]``
+    float32 logits is alive at any time. Works with any head module (tied, LoRA-wrapped, biased).
+    """
+    if chunk_size <= 0 or hidden.shape[0] == 0:
+        out = _score_chunk(head, hidden, targets, with_entropy)
+        return out[0], (out[1] if with_entropy else None)
+    needs_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        args = (head, hidden[start: start + chunk_size], targets[start: start + chunk_size], with_entropy)
+        parts.append(checkpoint(_score_chunk, *args, use_reentrant=False) if needs_graph else _score_chunk(*args))
+    logps = torch.cat([p[0] for p in parts])
+    return logps, (torch.cat([p[1] for p in parts]) if with_entropy else None)
+
+
+def _score_layout(model, layout: _Layout, *, with_entropy: bool, chunk_size: int):
+    hidden = _hidden_states(model, layout)
+    flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.predictors)
+    head = _unwrap(model).get_output_embeddings()
+    return score_hidden(head, flat, layout.targets, with_entropy=with_entropy, chunk_size=chunk_size)
+
+
+def _per_sequence(values: torch.Tensor, layout: _Layout, num_sequences: int) -> torch.Tensor:
+    """Scored values ``[N]`` laid out as ``[sequences, completion length]`` (zeros elsewhere)."""
+    width = int(layout.steps.max()) + 1 if layout.steps.numel() else 1
+    out = values.new_zeros(num_sequences, width)
+    return out.index_put((layout.sequences, layout.steps), values)
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing a layout, with a one-time exactness probe per model
+
+_warned: set[str] = set()
+_probe_results: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _probe_examples(vocab_size: int) -> list[dict]:
+    ids = lambda *xs: [1 + (x * 7919) % (vocab_size - 1) for x in xs]  # noqa: E731 - arbitrary in-vocab tokens
+    return [{"prompt_ids": ids(1, 2, 3, 4), "chosen_ids": ids(5, 6, 7), "rejected_ids": ids(8, 9)},
+            {"prompt_ids": ids(10, 11), "chosen_ids": ids(12), "rejected_ids": ids(13, 14, 15, 16, 17)}]
+
+
+def _mask_layouts_exact(model, options: ForwardOptions, pad_token_id: int) -> bool:
+    """Whether this model, with its attention kernel, gives the padded path's numbers under the
+    4D-mask layouts. Checked once per model on two tiny pairs (no gradient)."""
+    kernel = getattr(_unwrap(model).config, "_attn_implementation", None)
+    if kernel not in MASK_4D_KERNELS:
+        _warn_once(f"attention kernel {kernel!r} cannot take the shared-prompt/packing mask (supported: "
+                   f"{', '.join(MASK_4D_KERNELS)}); using the padded layout")
+        return False
+    key = (options.share_prompt, options.packing, kernel)
+    results = _probe_results.setdefault(model, {})
+    if key not in results:
+        examples = _probe_examples(_unwrap(model).config.vocab_size)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                want = _padded_preference_logps(model, examples, pad_token_id=pad_token_id, compute_entropy=False,
+                                                length_normalize=False)
+                got = _fast_preference_logps(model, examples, options, pad_token_id=pad_token_id,
+                                             compute_entropy=False, length_normalize=False)
+            # float32 agrees to ~1e-6 here; 16-bit layouts differ by rounding, so only gross errors count
+            tolerance = 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 1e-1
+            results[key] = all(torch.allclose(g.float(), w.float(), rtol=tolerance, atol=tolerance)
+                               for g, w in ((got.chosen_logps, want.chosen_logps), (got.rejected_logps, want.rejected_logps)))
+            reason = "its log-probs differ from the padded path's"
+        except Exception as err:  # a model that rejects 4D masks or custom positions
+            results[key], reason = False, f"{err.__class__.__name__}: {err}"
+        finally:
+            model.train(was_training)
+        if not results[key]:
+            _warn_once(f"{type(_unwrap(model)).__name__} with attention {kernel!r}: the shared-prompt/packed layout "
+                       f"is not exact for this model ({reason}); using the padded layout")
+    return results[key]
+
+
+def _sliding_window_ok(model, longest_sequence: int) -> bool:
+    """A custom 4D mask replaces a sliding-window mask; only exact while sequences fit the window."""
+    window = getattr(_unwrap(model).config, "sliding_window", None)
+    if window is None or longest_sequence <= window:
+        return True
+    _warn_once(f"sequences longer than the model's sliding window ({window}): using the padded layout")
+    return False
+
+
+def _use_mask_layout(model, options: ForwardOptions, pad_token_id: int, longest_sequence: int) -> bool:
+    if not (options.packing or options.share_prompt):
+        return False
+    return _sliding_window_ok(model, longest_sequence) and _mask_layouts_exact(model, options, pad_token_id)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def _fast_preference_logps(model, examples, options: ForwardOptions, *, pad_token_id, compute_entropy,
+                           length_normalize, mask_layout: bool = True) -> PreferenceLogps:
+    batch = len(examples)
+    sharing = options.share_prompt and mask_layout
+    if sharing:
+        units = [_shared_prompt_unit(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], i, batch)
+                 for i, ex in enumerate(examples)]
+    else:
+        rows, prompt_lengths = _completion_rows(examples)
+        units = [_sequence_unit(row, [-100] * p + row[p:], i) for i, (row, p) in enumerate(zip(rows, prompt_lengths))]
+    device = next(model.parameters()).device
+    layout = _build_layout(units, packing=options.packing and mask_layout, pad_token_id=pad_token_id,
+                           device=device, mask_kind=_mask_kind(model) or "bool")
+    token_logps, entropy = _score_layout(model, layout, with_entropy=compute_entropy,
+                                         chunk_size=options.logits_chunk_size)
+    per_token = _per_sequence(token_logps, layout, 2 * batch)
+    sums = per_token.sum(-1)
+    counts = torch.bincount(layout.sequences, minlength=2 * batch)
+    result = PreferenceLogps(chosen_logps=sums[:batch], rejected_logps=sums[batch:],
+                             chosen_lengths=counts[:batch], rejected_lengths=counts[batch:],
+                             num_tokens=layout.num_tokens)
+    if compute_entropy:
+        mask = _per_sequence(torch.ones_like(token_logps), layout, 2 * batch)
+        surrogate = entropy_surrogate(_per_sequence(entropy, layout, 2 * batch), per_token, mask,
+                                      length_normalize=length_normalize)
+        result.chosen_entropy, result.rejected_entropy = surrogate[:batch], surrogate[batch:]
+    return result
+
+
+def preference_logps(
+    model: torch.nn.Module,
+    examples: list[dict],
+    *,
+    pad_token_id: int,
+    compute_entropy: bool = False,
+    length_normalize: bool = False,
+    options: ForwardOptions | None = None,
+) -> PreferenceLogps:
+    """Summed completion log-probs of chosen and rejected for each example.
+
+    Without ``options``: the plain padded path - chosen and rejected rows go through the model as
+    one ``[2B, T]`` batch, right-padded. The token at position ``t`` is scored by the logits at
+    ``t - 1``; only completion tokens (including the closing end-of-turn token) count. With
+    ``options``: the same numbers through the faster layouts (module docstring).
+    """
+    kwargs = dict(pad_token_id=pad_token_id, compute_entropy=compute_entropy, length_normalize=length_normalize)
+    if options is None:
+        return _padded_preference_logps(model, examples, **kwargs)
+    longest = max(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples)
+    mask_layout = _use_mask_layout(model, options, pad_token_id, longest)
+    return _fast_preference_logps(model, examples, options, mask_layout=mask_layout, **kwargs)
+
+
+def sft_loss(model: torch.nn.Module, examples: list[dict], *, pad_token_id: int,
+             options: ForwardOptions | None = None) -> tuple[torch.Tensor, int, int]:
+    """Mean cross-entropy over assistant tokens of a micro-batch; also (target tokens, all tokens).
+
+    Without ``options`` the plain padded path; with them, packing and chunked log-probs.
+    """
+    if options is None:
+        return _padded_sft_loss(model, examples, pad_token_id=pad_token_id)
+    units = [_sequence_unit(ex["input_ids"], ex["labels"], i) for i, ex in enumerate(examples)]
+    longest = max(len(ex["input_ids"]) for ex in examples)
+    options = dataclasses.replace(options, share_prompt=False)  # nothing to share in SFT
+    packing = _use_mask_layout(model, options, pad_token_id, longest)
+    layout = _build_layout(units, packing=packing, pad_token_id=pad_token_id,
+                           device=next(model.parameters()).device, mask_kind=_mask_kind(model) or "bool")
+    token_logps, _ = _score_layout(model, layout, with_entropy=False, chunk_size=options.logits_chunk_size)
+    num_targets = int(layout.targets.numel())
+    loss = -token_logps.sum() / max(num_targets, 1)
+    return loss, num_targets, layout.num_tokens

@@ -1,0 +1,333 @@
+"""Exactness of the fast forward paths against the plain padded path.
+
+Every optimized layout (shared prompt, packing, chunked log-probs, and their combinations) must
+give the padded path's per-sequence log-probs to 1e-5 and, through each objective (MMPO, DPO,
+SimPO) and the entropy term, the same parameter gradients to 1e-4 relative - on every attention
+kernel the fast paths accept, for a plain and a LoRA (PEFT) model, and for SFT.
+
+The tiny Llama's weights are scaled up (std 0.3 instead of 0.02) so that attention and position
+actually move the log-probs: with near-zero weights a wrong mask would go unnoticed.
+``test_a_wrong_mask_is_caught`` checks that sensitivity.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mmpo.forward as fw
+from mmpo.forward import ForwardOptions, preference_logps, score_hidden, sft_loss
+from mmpo.objectives import dpo_loss, mmpo_loss, simpo_loss
+from mmpo.world.model import build_tiny_llama
+from mmpo.world.tokenizer import END
+
+KERNELS = ["sdpa", "eager"]
+FAST_OPTIONS = {
+    "chunked-only": ForwardOptions(share_prompt=False, packing=False, logits_chunk_size=3),
+    "shared-prompt": ForwardOptions(share_prompt=True, packing=False, logits_chunk_size=0),
+    "packed": ForwardOptions(share_prompt=False, packing=True, logits_chunk_size=5),
+    "shared+packed+chunked": ForwardOptions(share_prompt=True, packing=True, logits_chunk_size=4),
+}
+PAIRS = [  # (prompt, chosen, rejected): different lengths, so rows pad, pack and pair up differently
+    ("What is the first letter of zorbat?", "It is z.", "I am not sure about that, sorry."),
+    ("Repeat the word banop please.", "banop", "The quick brown fox jumps over the lazy dog."),
+    ("Hi", "Hello there! How are you today?", "0123"),
+    ("Which word is longer, mipo or tuvalak? Let me think about it.", "tuvalak", "mipo"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster than two fighting over a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def encode_pairs(tokenizer, pairs=PAIRS) -> list[dict]:
+    """Tokenized preference examples as the data module makes them (chat template, EOS-closed)."""
+    out = []
+    for i, (prompt, chosen, rejected) in enumerate(pairs):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        out.append({"id": f"t:{i}", "prompt_ids": encode(text), "chosen_ids": encode(chosen + END),
+                    "rejected_ids": encode(rejected + END)})
+    return out
+
+
+def sensitive_llama(tokenizer, kernel: str = "sdpa", seed: int = 0):
+    model = build_tiny_llama(tokenizer, seed=seed, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    model.set_attn_implementation(kernel)
+    return model
+
+
+def objective_loss(name: str, logps: fw.PreferenceLogps) -> torch.Tensor:
+    batch = logps.chosen_logps.shape[0]
+    ref_w = torch.linspace(-40.0, -10.0, batch)
+    ref_l = torch.linspace(-35.0, -20.0, batch)
+    if name == "mmpo":
+        return mmpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.5).losses.mean()
+    if name == "dpo":
+        return dpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.1).losses.mean()
+    if name == "simpo":
+        return simpo_loss(logps.chosen_logps, logps.rejected_logps, logps.chosen_lengths, logps.rejected_lengths,
+                          beta=2.0, gamma=1.0).losses.mean()
+    assert name == "entropy"  # MMPO plus the entropy surrogate term, as the engine combines them
+    entropy = torch.cat([logps.chosen_entropy, logps.rejected_entropy]).mean()
+    return mmpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.5).losses.mean() - 0.3 * entropy
+
+
+def loss_and_grads(model, examples, objective: str, options, pad: int, *, length_normalize=False):
+    model.zero_grad(set_to_none=True)
+    logps = preference_logps(model, examples, pad_token_id=pad, compute_entropy=objective == "entropy",
+                             length_normalize=length_normalize, options=options)
+    loss = objective_loss(objective, logps)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return logps, loss.detach(), grads
+
+
+def assert_grads_close(got: dict, want: dict, rel: float = 1e-4) -> None:
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        scale = float(g.abs().max())
+        assert scale > 0, f"{name}: reference gradient is zero, the check would be vacuous"
+        err = float((got[name] - g).abs().max())
+        assert err <= rel * scale, f"{name}: max |grad diff| {err:.3g} > {rel} x {scale:.3g}"
+
+
+def assert_logps_close(got: fw.PreferenceLogps, want: fw.PreferenceLogps) -> None:
+    for field in ("chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-5)
+    assert got.chosen_lengths.tolist() == want.chosen_lengths.tolist()
+    assert got.rejected_lengths.tolist() == want.rejected_lengths.tolist()
+    if want.chosen_entropy is not None:
+        torch.testing.assert_close(got.chosen_entropy, want.chosen_entropy, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(got.rejected_entropy, want.rejected_entropy, rtol=1e-5, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# Exactness: log-probs and gradients, every layout x kernel x objective
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("objective", ["mmpo", "dpo", "simpo", "entropy"])
+def test_fast_layouts_match_padded_path(tokenizer, kernel, objective):
+    model = sensitive_llama(tokenizer, kernel)
+    examples = encode_pairs(tokenizer)
+    pad = tokenizer.pad_token_id
+    want_logps, want_loss, want_grads = loss_and_grads(model, examples, objective, None, pad)
+    for label, options in FAST_OPTIONS.items():
+        got_logps, got_loss, got_grads = loss_and_grads(model, examples, objective, options, pad)
+        assert_logps_close(got_logps, want_logps)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6, msg=f"{label}: loss")
+        assert_grads_close(got_grads, want_grads)
+
+
+def test_length_normalized_entropy_matches(tokenizer):
+    model = sensitive_llama(tokenizer)
+    examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
+    want_logps, _, want_grads = loss_and_grads(model, examples, "entropy", None, pad, length_normalize=True)
+    got_logps, _, got_grads = loss_and_grads(model, examples, "entropy", FAST_OPTIONS["shared+packed+chunked"], pad,
+                                             length_normalize=True)
+    assert_logps_close(got_logps, want_logps)
+    assert_grads_close(got_grads, want_grads)
+
+
+def test_lora_model_matches_padded_path_and_reference_is_base(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    base = sensitive_llama(tokenizer)
+    # init_lora_weights=False: random A and B, so the adapters change the outputs and get gradients
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft notes the tied lm_head
+        model = get_peft_model(base, config)
+    examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
+    options = FAST_OPTIONS["shared+packed+chunked"]
+    want_logps, _, want_grads = loss_and_grads(model, examples, "mmpo", None, pad)
+    got_logps, _, got_grads = loss_and_grads(model, examples, "mmpo", options, pad)
+    assert_logps_close(got_logps, want_logps)
+    assert any("lm_head" in name for name in got_grads)
+    assert_grads_close(got_grads, want_grads)
+    with torch.no_grad(), model.disable_adapter():  # how the engine gets reference log-probs
+        ref_fast = preference_logps(model, examples, pad_token_id=pad, options=options)
+        ref_plain = preference_logps(model, examples, pad_token_id=pad)
+    assert_logps_close(ref_fast, ref_plain)
+    assert not torch.allclose(ref_fast.chosen_logps, got_logps.chosen_logps.detach(), atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_sft_loss_matches_padded_path(tokenizer, kernel):
+    model = sensitive_llama(tokenizer, kernel)
+    examples = []
+    for ex in encode_pairs(tokenizer):
+        ids = ex["prompt_ids"] + ex["chosen_ids"]
+        examples.append({"input_ids": ids, "labels": [-100] * len(ex["prompt_ids"]) + ex["chosen_ids"]})
+    pad = tokenizer.pad_token_id
+    results = []
+    for options in (None, ForwardOptions(packing=True, logits_chunk_size=3), ForwardOptions(packing=False)):
+        model.zero_grad(set_to_none=True)
+        loss, targets, tokens = sft_loss(model, examples, pad_token_id=pad, options=options)
+        loss.backward()
+        results.append((loss.detach(), targets, tokens, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    want = results[0]
+    for got in results[1:]:
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+        assert got[1:3] == want[1:3]
+        assert_grads_close(got[3], want[3])
+
+
+def test_a_wrong_mask_is_caught(tokenizer, monkeypatch):
+    """If rejected tokens could see the chosen ones, the comparison above would fail."""
+    model = sensitive_llama(tokenizer)
+    examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
+    want = preference_logps(model, examples, pad_token_id=pad)
+    correct_mask = fw._block_mask
+    monkeypatch.setattr(fw, "_block_mask", lambda segment, branch, kind: correct_mask(segment, branch * 0, kind))
+    got = fw._fast_preference_logps(model, examples, FAST_OPTIONS["shared-prompt"], pad_token_id=pad,
+                                    compute_entropy=False, length_normalize=False)
+    torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)  # chosen unaffected
+    assert float((got.rejected_logps - want.rejected_logps).detach().abs().max()) > 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# Layout details
+
+
+def test_shared_prompt_layout_positions_and_visibility():
+    # prompt [11, 12], chosen [21, 22], rejected [31]
+    unit = fw._shared_prompt_unit([11, 12], [21, 22], [31], pair=0, num_pairs=1)
+    layout = fw._build_layout([unit], packing=True, pad_token_id=0, device="cpu", mask_kind="bool")
+    assert layout.input_ids.tolist() == [[11, 12, 21, 22, 31]]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
+    sees = layout.attention_mask[0, 0].int().tolist()
+    assert sees[4] == [1, 1, 0, 0, 1]  # rejected sees the prompt and itself, not the chosen tokens
+    assert sees[3] == [1, 1, 1, 1, 0]
+    # chosen 21 and rejected 31 are both scored from the last prompt token (offset 1)
+    assert list(zip(layout.predictors.tolist(), layout.targets.tolist(), layout.sequences.tolist())) == [
+        (1, 21, 0), (2, 22, 0), (1, 31, 1)]
+    assert layout.num_tokens == 5
+
+
+def test_packing_puts_sequences_side_by_side_without_crosstalk():
+    units = [fw._sequence_unit([1, 2, 3, 4], [-100, 2, 3, 4], 0), fw._sequence_unit([5, 6], [-100, 6], 1),
+             fw._sequence_unit([7, 8], [-100, 8], 2)]
+    layout = fw._build_layout(units, packing=True, pad_token_id=0, device="cpu", mask_kind=torch.float32)
+    assert layout.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert layout.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
+    mask = layout.attention_mask[1, 0]
+    assert mask.dtype == torch.float32 and float(mask[2, 1]) == torch.finfo(torch.float32).min
+    assert float(mask[3, 2]) == 0.0 and float(mask[1, 0]) == 0.0
+
+
+def test_row_assignment_is_first_fit_decreasing_within_the_longest():
+    lengths = [9, 3, 5, 4, 2, 6]
+    rows = fw._assign_rows(lengths, packing=True)
+    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
+    assert len(rows) == 4  # 9 | 6+3 | 5+4 | 2
+    assert fw._assign_rows(lengths, packing=False) == [[i] for i in range(len(lengths))]
+
+
+def test_padding_rows_never_produce_nan_gradients(tokenizer):
+    model = sensitive_llama(tokenizer)
+    examples = encode_pairs(tokenizer)[:2]
+    logps = preference_logps(model, examples, pad_token_id=tokenizer.pad_token_id,
+                             options=ForwardOptions(share_prompt=True, packing=False))
+    (logps.chosen_logps.sum() + logps.rejected_logps.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked log-probs keep one chunk of logits
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for the backward pass while ``fn`` runs."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_chunked_scoring_matches_and_saves_no_logits():
+    torch.manual_seed(0)
+    vocab, dim, tokens = 1000, 16, 64
+    head = torch.nn.Linear(dim, vocab, bias=False)
+    hidden = torch.randn(tokens, dim, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    results = {}
+    for chunk in (0, 8):
+        hidden.grad, head.weight.grad = None, None
+        out = {}
+        kept = saved_bytes(lambda: out.update(zip(("logps", "entropy"), score_hidden(
+            head, hidden, targets, with_entropy=True, chunk_size=chunk))))
+        (out["logps"].sum() + 0.5 * out["entropy"].sum()).backward()
+        results[chunk] = (kept, out["logps"].detach(), hidden.grad.clone(), head.weight.grad.clone())
+    full_logits = tokens * vocab * 4
+    assert results[0][0] >= full_logits  # unchunked: autograd holds the float32 logits
+    assert results[8][0] < full_logits / 4  # chunked: only the inputs of each chunk
+    for a, b in zip(results[8][1:], results[0][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Falling back to the padded layout
+
+
+def test_model_that_rejects_4d_masks_falls_back_with_one_warning(tokenizer):
+    model = sensitive_llama(tokenizer)
+    original = model.forward
+
+    def no_4d_masks(*args, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 4:
+            raise ValueError("this model only takes 2D attention masks")
+        return original(*args, attention_mask=attention_mask, **kwargs)
+
+    model.forward = no_4d_masks
+    examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
+    want = preference_logps(model, examples, pad_token_id=pad)
+    fw._warned.clear()
+    with pytest.warns(RuntimeWarning, match="not exact for this model.*only takes 2D"):
+        got = preference_logps(model, examples, pad_token_id=pad, options=ForwardOptions())
+    assert_logps_close(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call stays silent
+        preference_logps(model, examples, pad_token_id=pad, options=ForwardOptions())
+
+
+def test_model_that_ignores_4d_masks_is_detected_by_the_probe(tokenizer):
+    model = sensitive_llama(tokenizer)
+    original = model.forward
+    model.forward = lambda *a, attention_mask=None, **kw: original(
+        *a, attention_mask=None if attention_mask is not None and attention_mask.dim() == 4 else attention_mask, **kw)
+    examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
+    fw._warned.clear()
+    with pytest.warns(RuntimeWarning, match="differ from the padded path"):
+        got = preference_logps(model, examples, pad_token_id=pad, options=ForwardOptions())
+    assert_logps_close(got, preference_logps(model, examples, pad_token_id=pad))
+
+
+def test_kernels_without_custom_masks_are_refused(tokenizer):
+    model = sensitive_llama(tokenizer)
+    model.config._attn_implementation = "flash_attention_2"
+    fw._warned.clear()
+    with pytest.warns(RuntimeWarning, match="cannot take the shared-prompt"):
+        assert not fw._mask_layouts_exact(model, ForwardOptions(), tokenizer.pad_token_id)
