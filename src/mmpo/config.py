@@ -91,6 +91,11 @@ class CommonConfig:
     """Show a progress bar."""
     on_bad_rows: Literal["raise", "skip"] = "raise"
     """Stop at the first malformed row (default), or skip such rows (they are counted and reported)."""
+    # --- forward pass (speed) ---
+    packing: bool = True
+    """Pack several sequences per row instead of padding each (exact: attention and positions stay per sequence)."""
+    logits_chunk_size: int = 256
+    """Score completion tokens through the LM head this many at a time, never holding full-vocabulary logits (0: all at once)."""
 
 
 @dataclass
@@ -149,6 +154,9 @@ class TrainConfig(CommonConfig):
     """Compute reference log-probs once before training and cache them on disk."""
     cache_dir: str | None = None
     """Reference log-prob cache folder (default: $MMPO_CACHE or ~/.cache/mmpo)."""
+    # --- forward pass (speed) ---
+    share_prompt: bool = True
+    """Run prompt, chosen and rejected as one sequence (rejected cannot see chosen): the prompt is computed once (exact)."""
 
 
 def resolve(cfg: CommonConfig) -> CommonConfig:
@@ -185,6 +193,7 @@ def validate(cfg: CommonConfig) -> None:
     need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0")
     need(cfg.save_steps >= 0, "save_steps", "must be >= 0")
     need(bool(cfg.dataset), "dataset", "needs at least one dataset")
+    need(cfg.logits_chunk_size >= 0, "logits_chunk_size", "must be >= 0 (0: no chunking)")  # forward pass (speed)
     for tracker in cfg.report_to:
         need(tracker in ("tensorboard", "wandb", "mlflow"), "report_to", "trackers are tensorboard, wandb, mlflow")
     if isinstance(cfg, TrainConfig):

@@ -26,7 +26,7 @@ from transformers import get_cosine_schedule_with_warmup
 from mmpo import checkpoint, refcache
 from mmpo.config import CommonConfig, ConfigError, SFTConfig, TrainConfig, resolve, resume_mismatches, save_yaml, to_dict
 from mmpo.data import DatasetSpec, examples_fingerprint, load_rows, prepare_preference_examples, prepare_sft_examples
-from mmpo.forward import PreferenceLogps, preference_logps, sft_loss
+from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps, sft_loss
 from mmpo.modeling import is_peft_model, load_model, load_tokenizer, weights_fingerprint
 from mmpo.objectives import ObjectiveOutput, dpo_loss, minmax_range, mmpo_loss, mmpo_prior_rewards, simpo_loss
 
@@ -90,7 +90,7 @@ def step_norm_range(cfg: TrainConfig, examples: list[dict]) -> tuple[float, floa
 def preference_micro_step(model, cfg: TrainConfig, examples: list[dict], pad_token_id: int,
                           norm_range=None) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Loss, per-pair metric tensors and token count of one micro-batch."""
-    logps = preference_logps(model, examples, pad_token_id=pad_token_id,
+    logps = preference_logps(model, examples, pad_token_id=pad_token_id, options=ForwardOptions.from_config(cfg),
                              compute_entropy=cfg.entropy_coef > 0, length_normalize=cfg.length_normalize)
     out = objective_output(cfg, logps, examples, norm_range)
     loss = out.losses.mean()
@@ -402,9 +402,9 @@ def reference_logps(cfg: TrainConfig, accelerator: Accelerator, model, examples:
         def logps_fn(batch):
             if is_peft_model(model):
                 with model.disable_adapter():
-                    out = preference_logps(model, batch, pad_token_id=pad_token_id)
+                    out = preference_logps(model, batch, pad_token_id=pad_token_id, options=ForwardOptions.from_config(cfg))
             else:
-                out = preference_logps(model, batch, pad_token_id=pad_token_id)
+                out = preference_logps(model, batch, pad_token_id=pad_token_id, options=ForwardOptions.from_config(cfg))
             return out.chosen_logps.double(), out.rejected_logps.double()
 
         mine = refcache.compute_reference_logps(logps_fn, examples, batch_size=cfg.per_device_batch_size * 2,
@@ -525,7 +525,7 @@ def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) ->
     pad = tokenizer.pad_token_id
 
     def micro_step(model, batch, _step_examples):
-        loss, _, num_tokens = sft_loss(model, batch, pad_token_id=pad)
+        loss, _, num_tokens = sft_loss(model, batch, pad_token_id=pad, options=ForwardOptions.from_config(cfg))
         return loss, {}, num_tokens
 
     def evaluate(model):
@@ -534,7 +534,8 @@ def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) ->
         with torch.no_grad():
             size = cfg.per_device_batch_size
             for start in range(accelerator.process_index * size, len(eval_examples), size * accelerator.num_processes):
-                loss, n, _ = sft_loss(model, eval_examples[start: start + size], pad_token_id=pad)
+                loss, n, _ = sft_loss(model, eval_examples[start: start + size], pad_token_id=pad,
+                                      options=ForwardOptions.from_config(cfg))
                 total, count = total + float(loss) * n, count + n
         sums = accelerator.reduce(torch.tensor([total, count], device=accelerator.device, dtype=torch.float64), "sum")
         return {"eval_loss": float(sums[0] / max(sums[1], 1))}
