@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -37,3 +40,24 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+WORDS = ["banop", "zorbat", "mipo", "tuvalak", "fox", "dog", "quick", "lazy", "brown", "hello"]
+
+
+def write_prefs(path: Path, count: int, seed: int = 0) -> Path:
+    """Preference pairs in the explicit prompt/chosen/rejected layout (+ world-style metadata)."""
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for _ in range(count):
+            word = rng.choice(WORDS) + rng.choice(WORDS)
+            row = {"prompt": f"Repeat the word {word}.", "chosen": word, "answer": word, "task": "repeat",
+                   "rejected": rng.choice(["I am not sure about that, sorry.", f"{word} {word} {word}"])}
+            handle.write(json.dumps(row) + "\n")
+    return path
+
+
+@pytest.fixture()
+def prefs(tmp_path):
+    """(train file with 32 pairs, test file with 12 pairs)."""
+    return str(write_prefs(tmp_path / "train.jsonl", 32)), str(write_prefs(tmp_path / "test.jsonl", 12, seed=1))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -16,23 +15,7 @@ from safetensors.torch import load_file
 from mmpo.config import ConfigError, SFTConfig, TrainConfig
 from mmpo.engine import sft, step_micro_batches, train
 
-WORDS = ["banop", "zorbat", "mipo", "tuvalak", "fox", "dog", "quick", "lazy", "brown", "hello"]
-
-
-def write_prefs(path: Path, count: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for _ in range(count):
-            word = rng.choice(WORDS) + rng.choice(WORDS)
-            row = {"prompt": f"Repeat the word {word}.", "chosen": word,
-                   "rejected": rng.choice(["I am not sure about that, sorry.", f"{word} {word} {word}"])}
-            handle.write(json.dumps(row) + "\n")
-    return path
-
-
-@pytest.fixture()
-def prefs(tmp_path):
-    return str(write_prefs(tmp_path / "train.jsonl", 32)), str(write_prefs(tmp_path / "test.jsonl", 12, seed=1))
+from conftest import WORDS
 
 
 def config(tmp_path, tiny_model_dir, prefs, **overrides) -> TrainConfig:

@@ -78,14 +78,14 @@ def parse_judge(spec: str):
         from mmpo.world.tasks import grade
 
         return ProgrammaticJudge(grade, label="programmatic:world")
+    if kind not in ("openai", "openai-binary", "anthropic"):
+        raise ConfigError(f"unknown judge '{spec}'; use programmatic, openai:MODEL, openai-binary:MODEL or anthropic:MODEL")
     if not model:
         raise ConfigError(f"judge '{spec}': name a model, e.g. openai:gpt-4o-mini-2024-07-18")
     if kind in ("openai", "openai-binary"):
         base_url = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
         return OpenAIJudge(model, base_url=base_url, use_logprobs=kind == "openai")
-    if kind == "anthropic":
-        return AnthropicJudge(model)
-    raise ConfigError(f"unknown judge '{spec}'; use programmatic, openai:MODEL, openai-binary:MODEL or anthropic:MODEL")
+    return AnthropicJudge(model)
 
 
 def _generation_key(model_dir: str, prompts: list[dict], s: EvalSettings) -> str:
