@@ -110,11 +110,25 @@ def cmd_eval(argv: list[str]) -> int:
     return 0
 
 
+def cmd_sweep(argv: list[str]) -> int:
+    from mmpo.sweep import command
+
+    return command(argv, say=console.print)
+
+
+def cmd_report(argv: list[str]) -> int:
+    from mmpo.report import command
+
+    return command(argv, say=console.print)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "sft": (cmd_sft, "supervised fine-tuning on chat data"),
     "train": (cmd_train, "preference training: MMPO, DPO, SimPO and the ablations"),
     "eval": (cmd_eval, "evaluate a checkpoint: reward accuracy, win-rate, lm-eval retention"),
     "world": (cmd_world, "build the embedded offline world (tokenizer, tiny model, data)"),
+    "sweep": (cmd_sweep, "a resumable grid of runs (objectives x beta x ablations x seeds), each checkpoint evaluated"),
+    "report": (cmd_report, "Markdown/HTML report of a sweep: Pareto tables, plots, beta sensitivity, seeds"),
 }
 
 
