@@ -60,7 +60,8 @@ def test_greedy_outputs_match_unbatched_decoding_and_are_deterministic(chatty_mo
     assert [r["instruction"] for r in batched] == INSTRUCTIONS  # original order restored
     assert len({r["output"] for r in batched}) == len(INSTRUCTIONS)
     for record in batched[:2]:
-        expected = tokenizer.decode(reference_tokens(chatty_model, tokenizer, record["instruction"], 12), skip_special_tokens=True)
+        expected_ids = reference_tokens(chatty_model, tokenizer, record["instruction"], 12)
+        expected = tokenizer.decode(expected_ids, skip_special_tokens=True)
         assert record["output"] == expected.strip()
 
 
@@ -70,7 +71,8 @@ def test_generation_stops_at_an_end_of_turn_token(chatty_model, tokenizer):
     original = chatty_model.generation_config.eos_token_id
     chatty_model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
     try:
-        records = generate_outputs(chatty_model, tokenizer, INSTRUCTIONS[:2], generator_name="tiny", max_new_tokens=12, batch_size=2)
+        records = generate_outputs(chatty_model, tokenizer, INSTRUCTIONS[:2], generator_name="tiny",
+                                   max_new_tokens=12, batch_size=2)
     finally:
         chatty_model.generation_config.eos_token_id = original
     cut = full[: full.index(stop)]

@@ -218,7 +218,8 @@ def test_missing_key_fails_before_any_call(server, monkeypatch):
         judge_pairs(judge, records(["a"], "model"), records(["b"], "sft"))
     monkeypatch.setenv("MY_JUDGE_KEY", "")
     with pytest.raises(MissingAPIKeyError, match="MY_JUDGE_KEY"):
-        judge_pairs(AnthropicJudge("c", base_url=server.url, api_key_env="MY_JUDGE_KEY"), records(["a"], "m"), records(["b"], "s"))
+        judge = AnthropicJudge("c", base_url=server.url, api_key_env="MY_JUDGE_KEY")
+        judge_pairs(judge, records(["a"], "m"), records(["b"], "s"))
     assert server.calls == 0
 
 
@@ -232,7 +233,10 @@ def test_unreachable_endpoint_stops_the_run_with_a_clear_error():
 
 
 def test_api_key_never_leaks_into_repr_or_errors(server):
-    server.respond = lambda path, body, headers: (401, {}, {"error": {"message": f"Incorrect API key provided: {headers.get('authorization')}"}})
+    def respond(path, body, headers):  # a server that echoes the key it was sent
+        return 401, {}, {"error": {"message": f"Incorrect API key provided: {headers.get('authorization')}"}}
+
+    server.respond = respond
     judge = OpenAIJudge("m1", base_url=server.url)
     assert SECRET not in repr(judge) and SECRET not in judge.identity
     with pytest.raises(FatalJudgeError) as info:

@@ -7,9 +7,10 @@ their average.
 
 The paper's ten tasks (:data:`PAPER_TASKS`) are lm-eval's built-ins; they download their data from
 the Hugging Face Hub on first use, so they need network access (or a warm ``HF_DATASETS_CACHE``).
-``mathqa``'s Hub dataset (``allenai/math_qa``) is a loading-script dataset, which ``datasets`` >= 4
-no longer runs: it needs a fixed copy (e.g. a parquet conversion pointed to by a task override in
-``local_tasks_dir``-style YAML) or an older ``datasets``. Local tasks run fully offline.
+``mathqa`` needs a loading-script fix on ``datasets`` >= 4: its Hub dataset (``allenai/math_qa``) is
+defined by a Python loading script, which ``datasets`` 4 stopped running, so point the task at a
+script-free copy of the data (e.g. the Hub's parquet conversion, via an lm-eval task override) or
+run it with ``datasets`` < 4. Local tasks run fully offline.
 
 A local task is ``<name>.jsonl`` in ``local_tasks_dir``, one multiple-choice question per line::
 

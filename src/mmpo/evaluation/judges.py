@@ -428,7 +428,9 @@ class JudgmentCache:
 
 def _validate_pairs(records_a: Sequence[Mapping], records_b: Sequence[Mapping]) -> None:
     if len(records_a) != len(records_b):
-        raise ValueError(f"records_a has {len(records_a)} records but records_b has {len(records_b)}; they must pair up one to one")
+        raise ValueError(
+            f"records_a has {len(records_a)} records but records_b has {len(records_b)}; they must pair up one to one"
+        )
     for side, records in (("records_a", records_a), ("records_b", records_b)):
         for i, record in enumerate(records):
             for key in ("instruction", "output"):
