@@ -4,11 +4,11 @@ and the security defaults. Every test does the bad thing for real (docs/reliabil
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -95,36 +95,49 @@ def assert_run_folder_usable(run: Path) -> None:
 # SIGKILL at random points, then --resume
 
 
+def forkserver():
+    """Training processes forked from a server that imported torch and mmpo once: each attempt is a
+    real, separate process (killed with a real SIGKILL) that starts in milliseconds."""
+    context = multiprocessing.get_context("forkserver")
+    if str(WORKER.parent) not in sys.path:
+        sys.path.insert(0, str(WORKER.parent))
+    context.set_forkserver_preload(["train_worker", "mmpo.engine"])
+    return context
+
+
 class Attempt:
-    """One training process of the kill/resume test, with its output in a log file."""
+    """One training process of the kill/resume test, its output in a log file."""
 
     def __init__(self, job: Path, log: Path):
+        context = forkserver()
+        import train_worker
+
         self.log = log
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        self.handle = open(log, "w")
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), str(job)], stdout=self.handle,
-                                     stderr=subprocess.STDOUT, env=env)
+        log.touch()
+        self.proc = context.Process(target=train_worker.run_job, args=(str(job), str(log)))
+        self.proc.start()
+
+    def output(self) -> str:
+        return self.log.read_text()
 
     def kill_when(self, condition, *, delay: float = 0.0, timeout: float = 120) -> bool:
         """SIGKILL once ``condition()`` holds (polled every millisecond); False if the process ended first."""
         deadline = time.monotonic() + timeout
         while not condition():
-            if self.proc.poll() is not None:
+            if not self.proc.is_alive():
                 return False
-            assert time.monotonic() < deadline, f"timed out; log:\n{self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"timed out; log:\n{self.output()[-3000:]}"
             time.sleep(0.001)
         time.sleep(delay)
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-        self.handle.close()
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join()
+        assert self.proc.exitcode == -signal.SIGKILL
         return True
 
     def finish(self, timeout: float = 180) -> str:
-        self.proc.wait(timeout=timeout)
-        self.handle.close()
-        output = self.log.read_text()
-        assert self.proc.returncode == 0, output[-3000:]
-        return output
+        self.proc.join(timeout=timeout)
+        assert self.proc.exitcode == 0, self.output()[-3000:]
+        return self.output()
 
 
 def staging_folders(run: Path) -> list[str]:
@@ -138,14 +151,14 @@ def staging_folders(run: Path) -> list[str]:
 def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path, tiny_model_dir):
     seed = int(os.environ.get("MMPO_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
-    note = f"(MMPO_KILL_SEED={seed} reproduces the kill points)"
+    note = f"(MMPO_KILL_SEED={seed} reproduces these kill points)"
     # 3 epochs x 4 steps, a step checkpoint after every step, only the newest 2 step checkpoints kept.
     values = run_config(tmp_path, tiny_model_dir, epochs=3, save_steps=1, save_total_limit=2)
 
-    reference = dict(values, output_dir=str(tmp_path / "reference"))
-    with deterministic_torch():
-        train(make_config(reference))
-    reference_run = Path(reference["output_dir"])
+    reference_run = tmp_path / "reference"
+    reference_job = tmp_path / "reference.json"
+    reference_job.write_text(json.dumps({"runs": [dict(values, output_dir=str(reference_run))]}))
+    Attempt(reference_job, tmp_path / "reference.log").finish()
 
     run = Path(values["output_dir"])
     job = tmp_path / "job.json"
@@ -153,39 +166,27 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path, tin
     resume_job = tmp_path / "resume.json"
     resume_job.write_text(json.dumps({"runs": [dict(values, resume=True)]}))
 
-    # 1. Killed while writing its n-th checkpoint.
-    writes_to_skip = rng.randrange(3)
-    seen = []
-
-    def nth_checkpoint_write():
-        staged = staging_folders(run)
-        if staged and staged[0] not in seen:
-            seen.append(staged[0])
-        return len(seen) > writes_to_skip and bool(staged)
-
+    # 1. Killed while writing the checkpoint of step n (n = 1: before any checkpoint exists).
+    n = rng.randint(1, 3)
     first = Attempt(job, tmp_path / "attempt1.log")
-    assert first.kill_when(nth_checkpoint_write), f"run ended before the kill {note}"
-    assert staging_folders(run), f"the kill did not land inside a checkpoint write {note}"
+    assert first.kill_when(lambda: f".tmp-step-{n:07d}" in staging_folders(run)), note
     assert_run_folder_usable(run)
 
-    # 2. Resumed (removes the staging folder), then killed at a random moment of training.
+    # 2. Resumed (removes the staging folder), killed at a random moment after step t2 was logged:
+    #    inside a step, a metrics write or a checkpoint write.
+    t2 = rng.randint(n + 1, 7)
     second = Attempt(resume_job, tmp_path / "attempt2.log")
-    second.kill_when(lambda: "resumed from" in second.log.read_text(), delay=rng.uniform(0.0, 0.4))
-    assert "removed leftover" in second.log.read_text(), note
+    assert second.kill_when(lambda: any(r["step"] >= t2 for r in train_records(run)),
+                            delay=rng.uniform(0.0, 0.03)), note
+    assert f"removed leftover {run / 'checkpoints' / f'.tmp-step-{n:07d}'}" in second.output(), note
     assert_run_folder_usable(run)
 
-    # 3. Resumed again, killed during the checkpoint write after the next one.
+    # 3. Resumed again, killed while writing the checkpoint of a later step t3.
+    t3 = rng.randint(t2 + 3, 11)
+    staged = f".tmp-epoch-{t3 // 4}" if t3 % 4 == 0 else f".tmp-step-{t3:07d}"
     third = Attempt(resume_job, tmp_path / "attempt3.log")
-    start = set()
-
-    def second_write_after_resume():
-        if "resumed from" not in third.log.read_text():
-            return False
-        staged = staging_folders(run)
-        start.update(staged)
-        return len(start) >= 2 and bool(staged)
-
-    third.kill_when(second_write_after_resume)
+    assert third.kill_when(lambda: staged in staging_folders(run)), note
+    assert "resumed from" in third.output(), note
     assert_run_folder_usable(run)
 
     # 4. Resumed to the end.
@@ -197,7 +198,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path, tin
         assert_bitwise_equal(weights(reference_run, name), weights(run, name))
     assert not [p.name for p in checkpoint.checkpoints_dir(run).iterdir() if p.name.startswith(".")], note
     names = sorted(p.name for p in checkpoint.list_checkpoints(run))
-    assert names == ["epoch-1", "epoch-2", "epoch-3", "step-0000011"], names  # save_total_limit=2 held
+    assert names == ["epoch-1", "epoch-2", "epoch-3", "step-0000010", "step-0000011"], names  # save_total_limit=2
     # Every step logged exactly once, with the uninterrupted run's numbers.
     got, want = train_records(run), train_records(reference_run)
     assert [r["step"] for r in got] == list(range(1, 13)), note

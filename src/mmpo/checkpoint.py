@@ -4,6 +4,14 @@ A checkpoint folder ``<run>/checkpoints/<name>/`` holds ``model/`` (a loadable m
 adapter with its tokenizer), ``state/`` (Accelerate's state: weights, optimizer, RNG; scheduler),
 ``trainer_state.json`` and ``manifest.json`` (sizes and sha256 of every file). A folder without a
 valid manifest is incomplete or damaged and is never resumed from.
+
+Crash safety (docs/reliability.md): a process killed at any instant leaves the run folder
+resumable. Staging folders (``.tmp-<name>``), checkpoints set aside while being replaced
+(``.old-<name>``) and checkpoints being pruned (``.trash-<name>``) are dot-folders that are never
+taken for checkpoints; :func:`recover` tidies them up on ``--resume``. Files are flushed to disk
+before the manifest is written and the folder renamed, so a power cut cannot leave a manifest that
+vouches for data that never reached the disk. ``metrics.jsonl`` is read tolerating a line torn by a
+kill and rewritten atomically (:func:`trim_metrics`).
 """
 
 from __future__ import annotations
@@ -22,12 +30,38 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, *, flush: bool = False) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+        if flush:  # fsync works on a read-only descriptor too: the file's dirty pages reach the disk
+            os.fsync(handle.fileno())
     return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Readers (and a resumed run after a kill) see the old content or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def write_manifest(folder: Path, trainer_state: dict) -> None:
@@ -35,11 +69,9 @@ def write_manifest(folder: Path, trainer_state: dict) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             rel = path.relative_to(folder).as_posix()
-            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path, flush=True)}
     manifest = {"created": time.time(), "trainer_state": trainer_state, "files": files}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def verify(folder: Path, *, checksums: bool = True) -> str | None:
@@ -49,15 +81,19 @@ def verify(folder: Path, *, checksums: bool = True) -> str | None:
         return "no manifest (the write did not finish)"
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        return "manifest is not valid JSON"
-    for rel, info in manifest["files"].items():
+        files = manifest["files"]
+        entries = [(rel, int(info["size"]), str(info["sha256"])) for rel, info in files.items()]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return "manifest is damaged (not the JSON this module writes)"
+    if not entries:
+        return "manifest lists no files"
+    for rel, size, sha256 in entries:
         path = folder / rel
         if not path.is_file():
             return f"missing file {rel}"
-        if path.stat().st_size != info["size"]:
+        if path.stat().st_size != size:
             return f"file {rel} has the wrong size"
-        if checksums and _sha256(path) != info["sha256"]:
+        if checksums and _sha256(path) != sha256:
             return f"file {rel} fails its checksum"
     return None
 
@@ -85,6 +121,7 @@ def finalize(staging: Path, name: str, trainer_state: dict) -> Path:
         shutil.rmtree(aside)
     else:
         os.replace(staging, final)
+    _fsync_dir(final.parent)
     return final
 
 
@@ -96,10 +133,17 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     found = []
     for path in root.iterdir():
         if path.is_dir() and not path.name.startswith("."):
-            state = path / "trainer_state.json"
-            step = json.loads(state.read_text()).get("global_step", -1) if state.is_file() else -1
-            found.append((step, path.name, path))
+            found.append((_global_step(path), path.name, path))
     return [p for _, _, p in sorted(found)]
+
+
+def _global_step(folder: Path) -> int:
+    """The checkpoint's step, or -1 when its trainer state is missing or unreadable (damaged)."""
+    try:
+        step = json.loads((folder / "trainer_state.json").read_text()).get("global_step", -1)
+    except (OSError, ValueError, AttributeError):
+        return -1
+    return step if isinstance(step, int) else -1
 
 
 def latest_valid(run_dir: str | Path, log=print) -> Path | None:
@@ -121,4 +165,62 @@ def prune_step_checkpoints(run_dir: str | Path, keep: int) -> None:
         return
     steps = [p for p in list_checkpoints(run_dir) if p.name.startswith("step-")]
     for path in steps[:-keep]:
+        # Renamed first, so a kill during the deletion leaves a dot-folder, not a half checkpoint.
+        trash = path.parent / f".trash-{path.name}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def recover(run_dir: str | Path, log=print) -> None:
+    """Tidy the leftovers of a run that was killed, before resuming it (main process only).
+
+    A ``.old-<name>`` whose replacement never arrived (killed between the two renames of
+    :func:`finalize`) is the last complete copy of that checkpoint and is moved back; every other
+    dot-folder (staging, set-aside, pruned) is deleted.
+    """
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        if not path.is_dir() or not path.name.startswith("."):
+            continue
+        name = path.name.split("-", 1)[1] if "-" in path.name else ""
+        if path.name.startswith(".old-") and name and not (root / name).exists() and verify(path) is None:
+            os.replace(path, root / name)
+            log(f"restored checkpoint {root / name} (its replacement was interrupted)")
+            continue
         shutil.rmtree(path, ignore_errors=True)
+        log(f"removed leftover {path} from an interrupted run")
+    for path in Path(run_dir).glob(".*.tmp*"):  # an interrupted atomic_write_text
+        path.unlink(missing_ok=True)
+    _fsync_dir(root)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a ``metrics.jsonl``; a last line torn by a kill mid-write is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # only ever the torn tail of an interrupted append
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def trim_metrics(path: str | Path, global_step: int, *, write: bool = True) -> list[dict]:
+    """Keep the records up to ``global_step`` (those of the checkpoint a run resumes from).
+
+    Anything logged after that checkpoint will be logged again by the resumed run, so it is
+    dropped here: the file never holds a step twice. Rewritten atomically when ``write``.
+    """
+    path = Path(path)
+    kept = [r for r in read_metrics(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= global_step]
+    if write and path.is_file():
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept

@@ -198,6 +198,7 @@ def _save_checkpoint(accelerator, model, tokenizer, cfg, name: str, trainer_stat
     staging = Path(gather_object([str(staging)])[0]) if accelerator.num_processes > 1 else staging
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging / "state"), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank's RNG state file is written before the manifest
     if accelerator.is_main_process:
         torch.save(scheduler.state_dict(), staging / "state" / "mmpo_scheduler.pt")
         unwrapped = accelerator.unwrap_model(model)
@@ -233,20 +234,21 @@ def _run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: 
     global_step = 0
     log = MetricsLog(run_dir / "metrics.jsonl", accelerator.is_main_process)
     if cfg.resume:
+        if accelerator.is_main_process:
+            checkpoint.recover(run_dir, log=accelerator.print)  # leftovers of a killed run
+        accelerator.wait_for_everyone()
         found = checkpoint.latest_valid(run_dir, log=accelerator.print)
         if found is not None:
             accelerator.load_state(str(found / "state"))
             scheduler.load_state_dict(torch.load(found / "state" / "mmpo_scheduler.pt", weights_only=True))
             global_step = checkpoint.read_trainer_state(found)["global_step"]
             accelerator.print(f"resumed from {found} at step {global_step}")
-            if (run_dir / "metrics.jsonl").is_file():
-                kept = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-                kept = [r for r in kept if r.get("step", 0) <= global_step]
-                if accelerator.is_main_process:
-                    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
-                log.records = kept
         else:
             accelerator.print(f"--resume: no complete checkpoint in {run_dir}, starting from the beginning")
+        # Records after the checkpoint (or all, with none) are logged again by this run: drop them.
+        log.records = checkpoint.trim_metrics(run_dir / "metrics.jsonl", global_step if found else -1,
+                                              write=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
 
     if global_step == 0 and recipe.evaluate is not None:
         log.write({"step": 0, "epoch": 0.0, **recipe.evaluate(model)})
@@ -277,7 +279,8 @@ def _run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: 
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
-                finite = bool(torch.isfinite(grad_norm)) if accelerator.sync_gradients else True
+                finite = _step_is_finite(accelerator, grad_norm, [*loss_values, loss.detach().float()]) \
+                    if accelerator.sync_gradients else True
                 if accelerator.sync_gradients and finite:
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True) if accelerator.sync_gradients else None
@@ -344,6 +347,16 @@ def _run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: 
         progress.close()
     accelerator.end_training()
     return RunResult(output_dir=run_dir, global_step=global_step, metrics=log.records)
+
+
+def _step_is_finite(accelerator: Accelerator, grad_norm: torch.Tensor, losses: list[torch.Tensor]) -> bool:
+    """Whether the step's gradient norm and every micro-batch loss on every process are finite.
+
+    The loss is checked too: an infinite loss can come with a finite gradient (e.g. DPO with an
+    infinite reference log-prob, where the log-sigmoid saturates), and all ranks must agree.
+    """
+    bad = (~torch.isfinite(torch.stack(losses))).any() | ~torch.isfinite(grad_norm.detach().float().reshape(()))
+    return not bool(accelerator.reduce(bad.float().to(accelerator.device), "sum") > 0)
 
 
 def _clip(accelerator: Accelerator, model, max_norm: float) -> torch.Tensor:

@@ -3,6 +3,9 @@
     python tests/scripts/train_worker.py JOB.json            # one process
     torchrun --nproc_per_node 2 tests/scripts/train_worker.py JOB.json
 
+or as the target of a ``multiprocessing`` forkserver process (``run_job(job, log)``), which
+starts a fresh training process in milliseconds instead of re-importing torch each time.
+
 JOB.json: ``{"runs": [TrainConfig fields, ...], "report_dir": "...", "watch": ["dir", ...]}``.
 Each run's config is given as plain values (lists for tuple fields). Settings that make CPU
 training bitwise reproducible are set first (one thread, deterministic algorithms). With
@@ -70,6 +73,17 @@ class WriteRecorder:
             return real_save(obj, f, *args, **kwargs)
 
         torch.save = recording_save
+
+
+def run_job(job_path: str, log_path: str | None = None) -> None:
+    """Run a job in this process, its output going to ``log_path`` (line-buffered) when given."""
+    if log_path is not None:
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        sys.stdout.reconfigure(line_buffering=True)
+        sys.stderr.reconfigure(line_buffering=True)
+    main(job_path)
 
 
 def main(job_path: str) -> None:
