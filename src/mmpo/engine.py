@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,8 +178,15 @@ class Recipe:
 
 def _make_accelerator(cfg: CommonConfig) -> Accelerator:
     plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
-    return Accelerator(gradient_accumulation_plugin=plugin, log_with=list(cfg.report_to) or None,
-                       project_dir=cfg.output_dir)
+    accelerator = Accelerator(gradient_accumulation_plugin=plugin, log_with=list(cfg.report_to) or None,
+                              project_dir=cfg.output_dir)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. torchrun on a machine without GPUs: Accelerate forms no group unless told to use the CPU,
+        # and every process would train alone on all the data, writing the same files.
+        raise ConfigError(f"launched as {launched} processes (WORLD_SIZE) but Accelerate formed a group of "
+                          f"{accelerator.num_processes}; without GPUs set ACCELERATE_USE_CPU=1 for a CPU (gloo) group")
+    return accelerator
 
 
 def _optimizer(cfg: CommonConfig, model: torch.nn.Module) -> torch.optim.Optimizer:

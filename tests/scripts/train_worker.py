@@ -99,13 +99,20 @@ def main(job_path: str) -> None:
     from mmpo.config import TrainConfig
     from mmpo.engine import train
 
-    world_size = PartialState().num_processes
     results = []
-    for values in job["runs"]:
+    world_sizes = []
+    real_destroy = PartialState.destroy_process_group
+    for index, values in enumerate(job["runs"]):
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        # train() ends with Accelerator.end_training(), which destroys the process group (and gloo
+        # cannot form a new one in the same processes): keep it alive until the last run.
+        last = index == len(job["runs"]) - 1
+        PartialState.destroy_process_group = real_destroy if last else (lambda self, group=None: None)
         result = train(TrainConfig(**values))
         results.append({"output_dir": str(result.output_dir), "global_step": result.global_step})
+        world_sizes.append(PartialState().num_processes)  # the group the engine's Accelerator formed
     if job.get("report_dir"):
+        world_size = min(world_sizes)
         report = {"rank": rank, "world_size": world_size, "writes": sorted(set(recorder.paths)), "results": results}
         out = Path(job["report_dir"]) / f"rank{rank}.json"
         out.write_text(json.dumps(report, indent=1))
