@@ -6,7 +6,7 @@ A sweep config (YAML) names a ``base`` training config, evaluation settings, opt
     name: study
     output_dir: runs/study
     base: {epochs: 3, per_device_batch_size: 16}        # TrainConfig values of every run
-    eval: {max_new_tokens: 32, limit: 100}             # EvalSettings of every checkpoint
+    eval: {max_new_tokens: 32, limit: 100}             # EvalSettings of every checkpoint (false: none)
     tuning:                                            # the paper's selection, stage by stage
       set: {epochs: 1}
       stages:
@@ -111,7 +111,7 @@ class SweepConfig:
     name: str
     output_dir: str
     base: dict[str, Any]
-    eval: dict[str, Any]
+    eval: dict[str, Any] | None  # None: checkpoints are not evaluated (``eval: false``)
     experiments: list[Block]
     tuning: Tuning | None = None
     evaluate_baseline: bool = True
@@ -148,8 +148,14 @@ def sweep_from_dict(values: dict[str, Any], source: str = "sweep config") -> Swe
     check_keys(TrainConfig, base, f"{source}: base")
     if "output_dir" in base:
         raise ConfigError(f"{source}: base: 'output_dir' is chosen by the sweep (set the sweep's output_dir)")
-    eval_values = dict(values.get("eval") or {})
-    check_keys(EvalSettings, eval_values, f"{source}: eval")
+    eval_values = values.get("eval", {})
+    if eval_values is False:
+        eval_values = None
+    elif not isinstance(eval_values or {}, dict):
+        raise ConfigError(f"{source}: 'eval' must be a mapping of evaluation settings, or false")
+    else:
+        eval_values = dict(eval_values or {})
+        check_keys(EvalSettings, eval_values, f"{source}: eval")
     blocks = []
     for i, raw in enumerate(values.get("experiments") or []):
         if not isinstance(raw, dict):
@@ -392,7 +398,7 @@ class Plan:
 
 def eval_settings_for(sweep: SweepConfig, cfg: TrainConfig | None) -> EvalSettings:
     """The sweep's eval section; the baseline and reward split default to the run's model and eval data."""
-    values = dict(sweep.eval)
+    values = dict(sweep.eval or {})
     if cfg is not None:
         values.setdefault("baseline", cfg.model)
         if cfg.eval_dataset:
@@ -472,11 +478,11 @@ def make_plan(sweep: SweepConfig, sweep_dir: str | Path | None = None) -> Plan:
                     values = {**selected[objective], **combo, **overrides}
                     cfg = build_run_config(sweep, sweep_dir, objective, values, f"experiments '{block.name}'")
                     builder.add(cfg, {"kind": "experiment", "block": block.name, "variant": label,
-                                      "objective": objective}, evaluate=True)
+                                      "objective": objective}, evaluate=sweep.eval is not None)
                     if cfg.model not in models:
                         models.append(cfg.model)
     runs = list(builder.runs.values())
-    if sweep.evaluate_baseline and sweep.eval:
+    if sweep.evaluate_baseline and sweep.eval is not None:
         baselines = []
         for i, model in enumerate(models):
             settings = eval_settings_for(sweep, None)
@@ -843,7 +849,7 @@ def _model_config(model: str):
 @dataclass
 class MemoryEstimate:
     total_gib: float
-    parts: dict[str, float]
+    parts: dict[str, float]  # GiB each (unrounded: round when showing)
     parameters: int
     trainable: int
 
@@ -894,7 +900,7 @@ def estimate_gpu_memory(cfg: TrainConfig) -> MemoryEstimate | None:
     }
     if cfg.lora:
         parts["weights"] += trainable * 4 / gib
-    return MemoryEstimate(round(sum(parts.values()), 1), {k: round(v, 2) for k, v in parts.items()}, params, trainable)
+    return MemoryEstimate(sum(parts.values()), parts, params, trainable)
 
 
 def describe_run(run: PlannedRun, sweep_dir: Path) -> dict[str, Any]:
@@ -913,7 +919,8 @@ def describe_run(run: PlannedRun, sweep_dir: Path) -> dict[str, Any]:
     return {"name": run.name, "objective": cfg.objective, "beta": cfg.beta, "learning_rate": cfg.learning_rate,
             "seed": cfg.seed, "epochs": cfg.epochs, "pairs": rows, "global_batch": global_batch, "steps": steps,
             "checkpoints": cfg.epochs, "evaluated": run.evaluate, "model": cfg.model,
-            "memory_gib": memory.total_gib if memory else None, "memory_parts": memory.parts if memory else None,
+            "memory_gib": memory.total_gib if memory else None,
+            "memory_parts": {k: round(v, 2) for k, v in memory.parts.items()} if memory else None,
             "parameters": memory.parameters if memory else None, "status": run_status(run, sweep_dir),
             "roles": [f"tune {r['stage']}" if r["kind"] == "tune" else r.get("block", r["kind"]) for r in run.roles]}
 
