@@ -27,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from mmpo.checkpoint import read_metrics
 from mmpo.config import ConfigError
 
 METHOD_COLORS = {"MMPO": "tab:blue", "DPO": "tab:orange", "SimPO": "tab:green"}
@@ -89,13 +90,6 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _method(objective: str, variant: str) -> str:
     label = OBJECTIVE_LABELS.get(objective, objective)
     return f"{label} ({variant})" if variant else label
@@ -131,7 +125,7 @@ def collect(sweep_dir: str | Path) -> SweepResults:
         if saved.is_file():
             cfg = yaml.safe_load(saved.read_text())
         method = _method(cfg["objective"], variant)
-        metrics = _metrics(run_dir)
+        metrics = read_metrics(run_dir / "metrics.jsonl")
         evals_by_step = {r["step"]: r for r in metrics if "eval_rewards/accuracies" in r}
         curves.append(RunCurves(entry["name"], method, cfg["beta"], cfg["seed"],
                                 train=[r for r in metrics if "loss" in r],

@@ -344,16 +344,8 @@ def missing_eval_parts(results: dict, settings: EvalSettings) -> list[str]:
 
 def validation_reward_accuracy(run_dir: str | Path) -> float | None:
     """The run's last validation reward accuracy in metrics.jsonl (what tuning selects by)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    value = None
-    for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "eval_rewards/accuracies" in record:
-                value = record["eval_rewards/accuracies"]
-    return value
+    evals = [r for r in checkpoint.read_metrics(Path(run_dir) / "metrics.jsonl") if "eval_rewards/accuracies" in r]
+    return evals[-1]["eval_rewards/accuracies"] if evals else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,9 +580,6 @@ def execute_run(run: PlannedRun, sweep_dir: Path, say: Callable[[str], Any] = pr
     run_dir = Path(cfg.output_dir)
     _check_existing_config(run)
     if not training_finished(run_dir):
-        if not _epoch_checkpoints(run_dir) and not checkpoint.latest_valid(run_dir, log=lambda *_: None):
-            # A run killed before its first checkpoint restarts from step 0: drop its partial log.
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         log_event(sweep_dir, run.name, "train_start")
         train(cfg)
         log_event(sweep_dir, run.name, "train_done")
