@@ -107,3 +107,47 @@ def test_a_launch_whose_processes_form_no_group_is_refused(tmp_path, tiny_model_
     with pytest.raises(ConfigError, match="launched as 2 processes .* ACCELERATE_USE_CPU=1"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# GPU launch configs (no GPU here: checked for form, and the engine's DeepSpeed settings)
+
+CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
+
+
+@pytest.mark.parametrize("name, kind", [("multi_gpu", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"),
+                                        ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_shipped_accelerate_configs_load(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))  # rejects unknown keys
+    assert config.distributed_type.value == kind and config.num_processes > 1 and not config.use_cpu
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+        # A checkpoint's model/ folder needs the gathered weights under ZeRO-3.
+        assert config.deepspeed_config.get("zero3_save_16bit_model", False) == (name == "deepspeed_zero3")
+        assert "gradient_accumulation_steps" not in config.deepspeed_config  # mmpo's config decides
+    if name == "fsdp":
+        # FSDP2 accepts the optimizer the engine creates before prepare().
+        assert config.fsdp_config["fsdp_version"] == 2
+    assert f"configs/accelerate/{name}.yaml" in (CONFIGS.parent.parent / "docs" / "reliability.md").read_text()
+
+
+def test_deepspeed_takes_batch_size_accumulation_and_clipping_from_the_mmpo_config():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    from mmpo.engine import _configure_deepspeed
+
+    plugin = DeepSpeedPlugin(zero_stage=2)
+    assert plugin.is_auto("train_micro_batch_size_per_gpu")  # what made prepare() fail without a DataLoader
+    cfg = TrainConfig(per_device_batch_size=3, gradient_accumulation_steps=5, max_grad_norm=0.5)
+    _configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)), cfg)
+    assert not plugin.is_auto("train_micro_batch_size_per_gpu")
+    assert plugin.get_value("train_micro_batch_size_per_gpu") == 3
+    # Accelerate fills "auto" from its own accumulation and otherwise keeps DeepSpeed's value.
+    plugin.fill_match("gradient_accumulation_steps", must_match=False, gradient_accumulation_steps=1)
+    assert plugin.get_value("gradient_accumulation_steps") == 5
+    assert plugin.get_value("gradient_clipping") == 0.5
+    _configure_deepspeed(SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=None)), cfg)  # not DeepSpeed: no-op

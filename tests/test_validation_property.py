@@ -194,13 +194,18 @@ def load(tmp_path: Path, name: str, content: bytes) -> list[dict]:
 LINE = json.dumps(GOOD).encode() + b"\n"
 
 
-@pytest.mark.parametrize("name, content, fragment", [
+BAD_FILES = [
     ("bad.jsonl", LINE + b'{"prompt": "Hi", "chosen": "a"\n', "line 2 is not valid JSON"),
     ("latin1.jsonl", LINE + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n', "'utf-8' codec can't decode byte 0xe9"),
     ("bom.jsonl", b"\xef\xbb\xbf" + LINE, "line 1 is not valid JSON (Unexpected UTF-8 BOM"),
     ("rows.txt", LINE, "unsupported file type '.txt'"),
     ("broken.parquet", b"PAR1 not really", "cannot read .parquet file"),
     ("scalar.json", b'"hello"', "expected a JSON array of rows, got str"),
+]
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    *[pytest.param(*case, id=case[0]) for case in BAD_FILES],
     pytest.param("array.jsonl", LINE + b"[1, 2]\n", "line 2", id="line that is not an object",
                  marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=DATA_GAP)),
 ])
@@ -287,27 +292,34 @@ def test_template_that_does_not_close_the_assistant_turn_is_refused(tokenizer):
 # Configs
 
 
+BAD_CONFIGS = [  # (test id, YAML values, expected message)
+    ("betta", {"betta": 0.1}, "unknown config key 'betta'; did you mean 'beta'?"),
+    ("beta=0", {"beta": 0.0}, "config key 'beta': must be > 0"),
+    ("beta<0", {"beta": -1.0}, "config key 'beta': must be > 0"),
+    ("learning_rate=0", {"learning_rate": 0.0}, "config key 'learning_rate': must be > 0"),
+    ("learning_rate=nan", {"learning_rate": math.nan}, "config key 'learning_rate': must be > 0"),
+    ("epochs=0", {"epochs": 0}, "config key 'epochs': must be >= 1"),
+    ("accumulation=0", {"gradient_accumulation_steps": 0}, "config key 'gradient_accumulation_steps': must be >= 1"),
+    ("warmup_ratio=1", {"warmup_ratio": 1.0}, "config key 'warmup_ratio': must be in [0, 1)"),
+    ("max_grad_norm<0", {"max_grad_norm": -1}, "config key 'max_grad_norm': must be >= 0"),
+    ("chosen_reward<=rejected_reward", {"chosen_reward": 0.1, "rejected_reward": 0.9},
+     "MMPO needs chosen_reward > rejected_reward"),
+    ("max_prompt_length=0", {"max_prompt_length": 0}, "config key 'max_prompt_length': must be >= 1"),
+    ("report_to=neptune", {"report_to": ["neptune"]}, "config key 'report_to': trackers are tensorboard, wandb, mlflow"),
+    ("dataset=[]", {"dataset": []}, "config key 'dataset': needs at least one dataset"),
+]
+CONFIG_GAPS = [  # accepted wrongly today (see docs/reliability.md, "Known gaps")
+    {"beta": "0.1"}, {"epochs": "3"}, {"per_device_batch_size": 2.5}, {"resume": "yes"}, {"objective": "ppo"},
+    {"normalize": "zscore"}, {"normalize_scope": "global"}, {"dtype": "float8"}, {"optimizer": "sgd"},
+    {"on_bad_rows": "ignore"}, {"beta": math.inf}, {"gamma": math.nan},
+]
+
+
 @pytest.mark.parametrize("values, fragment", [
-    ({"betta": 0.1}, "unknown config key 'betta'; did you mean 'beta'?"),
-    ({"beta": 0.0}, "config key 'beta': must be > 0"),
-    ({"beta": -1.0}, "config key 'beta': must be > 0"),
-    ({"learning_rate": 0.0}, "config key 'learning_rate': must be > 0"),
-    ({"learning_rate": math.nan}, "config key 'learning_rate': must be > 0"),
-    ({"epochs": 0}, "config key 'epochs': must be >= 1"),
-    ({"gradient_accumulation_steps": 0}, "config key 'gradient_accumulation_steps': must be >= 1"),
-    ({"warmup_ratio": 1.0}, "config key 'warmup_ratio': must be in [0, 1)"),
-    ({"max_grad_norm": -1}, "config key 'max_grad_norm': must be >= 0"),
-    ({"chosen_reward": 0.1, "rejected_reward": 0.9}, "MMPO needs chosen_reward > rejected_reward"),
-    ({"max_prompt_length": 0}, "config key 'max_prompt_length': must be >= 1"),
-    ({"report_to": ["neptune"]}, "config key 'report_to': trackers are tensorboard, wandb, mlflow"),
-    ({"dataset": []}, "config key 'dataset': needs at least one dataset"),
-    *[pytest.param(values, key, marks=pytest.mark.xfail(strict=True, reason=CONFIG_GAP), id=f"gap-{key}-{values[key]!r}")
-      for values, key in [
-          ({"beta": "0.1"}, "beta"), ({"epochs": "3"}, "epochs"), ({"per_device_batch_size": 2.5}, "per_device_batch_size"),
-          ({"resume": "yes"}, "resume"), ({"objective": "ppo"}, "objective"), ({"normalize": "zscore"}, "normalize"),
-          ({"normalize_scope": "global"}, "normalize_scope"), ({"dtype": "float8"}, "dtype"),
-          ({"optimizer": "sgd"}, "optimizer"), ({"on_bad_rows": "ignore"}, "on_bad_rows"),
-          ({"beta": math.inf}, "beta"), ({"gamma": math.nan}, "gamma")]],
+    *[pytest.param(values, fragment, id=case) for case, values, fragment in BAD_CONFIGS],
+    *[pytest.param(values, f"config key '{key}'", id=f"gap-{key}={value!r}",
+                   marks=pytest.mark.xfail(strict=True, reason=CONFIG_GAP))
+      for values in CONFIG_GAPS for key, value in values.items()],
 ])
 def test_bad_config_value_is_a_config_error_naming_the_key(values, fragment):
     with pytest.raises(ConfigError) as error:

@@ -237,6 +237,7 @@ def _run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: 
 
     optimizer = _optimizer(cfg, model)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    _configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     global_step = 0
@@ -367,10 +368,24 @@ def _step_is_finite(accelerator: Accelerator, grad_norm: torch.Tensor, losses: l
     return not bool(accelerator.reduce(bad.float().to(accelerator.device), "sum") > 0)
 
 
+def _configure_deepspeed(accelerator: Accelerator, cfg: CommonConfig) -> None:
+    """DeepSpeed takes the micro-batch size, accumulation and clipping from mmpo's config.
+
+    No DataLoader goes through ``prepare()``, so DeepSpeed cannot infer the batch size, and its
+    accumulation steps would otherwise override the engine's silently.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
+    plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
+
+
 def _clip(accelerator: Accelerator, model, max_norm: float) -> torch.Tensor:
-    if max_norm > 0:
-        return accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    return accelerator.clip_grad_norm_(model.parameters(), float("inf"))
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    # DeepSpeed clips inside its own step and reports the norm as a float (None if it has none).
+    return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------
