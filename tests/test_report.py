@@ -16,7 +16,8 @@ GRID = {  # (objective, variant) -> betas, seeds
     ("mmpo", ""): ([0.01, 0.1, 0.5], [1, 2, 3]),
     ("dpo", ""): ([0.1, 0.5], [1, 2]),
     ("simpo", ""): ([2.0], [1]),
-    ("mmpo", "no aux loss"): ([0.01], [1, 2]),
+    ("mmpo", "no aux loss"): ([0.01, 0.1], [1, 2]),  # an ablation also run over a beta grid
+    ("mmpo", "length-normalized"): ([0.01], [1]),
 }
 EPOCHS = 3
 STEPS_PER_EPOCH = 4
@@ -29,10 +30,10 @@ def make_sweep(root: Path, *, seed: int = 0, length_controlled: bool = True) -> 
     for (objective, variant), (betas, seeds) in GRID.items():
         for beta in betas:
             for s in seeds:
-                name = f"{objective}-beta{beta:g}-seed{s}" + ("-auxoff" if variant else "")
+                name = f"{objective}-beta{beta:g}-seed{s}" + (f"-{variant.replace(' ', '-')}" if variant else "")
                 run_dir = root / "runs" / name
                 config = {"objective": objective, "beta": beta, "learning_rate": 5e-4, "seed": s,
-                          "aux_loss": not variant, "output_dir": str(run_dir)}
+                          "aux_loss": variant != "no aux loss", "output_dir": str(run_dir)}
                 runs.append({"name": name, "kind": "train", "evaluate": True, "eval": {}, "model": None,
                              "config": config, "roles": [{"kind": "experiment", "block": "ablations" if variant else "main",
                                                           "variant": variant, "objective": objective}]})
@@ -160,8 +161,10 @@ def test_sensitivity_seed_spread_and_ablation_numbers(sweep, tmp_path):
     dpo = [r for r in collect(sweep).checkpoints if r.objective == "dpo" and r.epoch == 2]
     assert all(p.reward_accuracy == next(q["reward"] for q in points if q["method"] == "DPO" and q["beta"] == p.beta
                                          and q["seed"] == p.seed and q["epoch"] == 2.0) for p in dpo)
+    assert [r["method"] for r in data["beta_sensitivity"]] == ["MMPO"] * 3 + ["DPO"] * 3 + ["MMPO (no aux loss)"] * 3
     ablations = {(r["method"], r["epoch"]): r for r in data["ablations"]}
-    assert {m for m, _ in ablations} == {"MMPO", "MMPO (no aux loss)"}
+    assert {m for m, _ in ablations} == {"MMPO", "MMPO (no aux loss)", "MMPO (length-normalized)"}
+    assert {r["beta"] for r in data["ablations"]} == {0.01}  # the grid's beta=0.1 run is not an ablation point
     for epoch in range(1, EPOCHS + 1):  # the default run at the same beta and the same seeds (1, 2)
         expected = statistics.fmean(p["acc"] for p in points if p["method"] == "MMPO" and p["beta"] == 0.01
                                     and p["seed"] in (1, 2) and p["epoch"] == epoch)

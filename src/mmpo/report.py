@@ -231,12 +231,21 @@ def pareto_tables(points: list[CheckpointResult]) -> dict[str, list[dict]]:
     return tables
 
 
+def multi_beta_methods(points: list[CheckpointResult]) -> list[str]:
+    """Methods run at two or more betas (the main methods, and any ablation run over a beta grid)."""
+    betas: dict[str, set[float]] = defaultdict(set)
+    for p in points:
+        betas[p.method].add(p.beta)
+    return sorted((m for m, b in betas.items() if len(b) > 1), key=method_order)
+
+
 def beta_sensitivity(points: list[CheckpointResult]) -> list[dict]:
     """Per method and epoch: spread (max - min) and std across betas of the seed-mean win-rate and
     LM accuracy, next to the seed noise floor (mean over betas of the std across seeds)."""
-    rows = seed_means([p for p in points if not p.variant])
+    methods = multi_beta_methods(points)
+    rows = seed_means([p for p in points if p.method in methods])
     out = []
-    for method in main_methods(points):
+    for method in methods:
         for epoch in sorted({r["epoch"] for r in rows if r["method"] == method}):
             mine = [r for r in rows if r["method"] == method and r["epoch"] == epoch]
             entry: dict[str, Any] = {"method": method, "epoch": epoch, "betas": [r["beta"] for r in mine]}
@@ -266,6 +275,14 @@ def ablation_rows(points: list[CheckpointResult]) -> list[dict]:
     variants = [p for p in points if p.variant]
     if not variants:
         return []
+    # The ablation beta(s): where two or more variants were run (an ablation also run over a beta
+    # grid belongs to the sensitivity panel, not here); with a single variant, all its betas.
+    labels: dict[float, set[str]] = defaultdict(set)
+    for p in variants:
+        labels[p.beta].add(p.variant)
+    shared = {b for b, v in labels.items() if len(v) > 1}
+    if shared:
+        variants = [p for p in variants if p.beta in shared]
     keep = set()
     for p in variants:
         keep |= {(q.run, q.epoch) for q in points if not q.variant and q.objective == p.objective
@@ -278,9 +295,10 @@ def ablation_rows(points: list[CheckpointResult]) -> list[dict]:
 # Figures (matplotlib, written as PNG)
 
 
-def _colors(methods: Iterable[str]) -> dict[str, str]:
+def method_colors(points: list[CheckpointResult]) -> dict[str, str]:
+    """One colour per method for every figure: MMPO blue, DPO orange, SimPO green, ablations after."""
     colors, extra = {}, iter(EXTRA_COLORS * 3)
-    for m in methods:
+    for m in sorted({p.method for p in points}, key=method_order):
         colors[m] = METHOD_COLORS.get(m) or next(extra)
     return colors
 
@@ -306,20 +324,20 @@ def _scatter(ax, rows: list[dict], method: str, color: str, baseline_acc: float 
         ax.plot(xs, ys, "-", color=color, alpha=0.5, linewidth=1)
         ax.scatter(xs, ys, color=color, marker=BETA_MARKERS[i % len(BETA_MARKERS)], s=40,
                    label=f"β={beta:g}" if label_betas else None, zorder=3, edgecolors="black", linewidths=0.4)
-        ax.annotate(f"{line[-1]['epoch']:g}", (xs[-1], ys[-1]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for r, x, y in zip(line, xs, ys):
+            ax.annotate(f"{r['epoch']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if baseline_acc is not None:
         ax.scatter([50.0], [baseline_acc * 100], marker="*", color="black", s=90, zorder=4, label="SFT model")
 
 
 def scatter_figure(points: list[CheckpointResult], methods: list[str], path: Path, baseline_acc: float | None,
-                   title: str) -> Path | None:
+                   title: str, colors: dict[str, str]) -> Path | None:
     """Win-rate (x) vs LM accuracy (y), one panel per method: one colour per method, one marker
-    per beta, a beta's epochs connected (the last epoch's number written next to it)."""
+    per beta, a beta's epochs connected (each point's epoch written next to it)."""
     rows = [r for r in seed_means([p for p in points if p.method in methods])]
     if not any(r["win_rate"] and r["lm_acc"] for r in rows):
         return None
     plt = _pyplot()
-    colors = _colors(methods)
     fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.8), sharex=True, sharey=True,
                              squeeze=False)
     for ax, method in zip(axes[0], methods):
@@ -336,20 +354,24 @@ def scatter_figure(points: list[CheckpointResult], methods: list[str], path: Pat
     return path
 
 
-def ablation_figure(points: list[CheckpointResult], path: Path, baseline_acc: float | None) -> Path | None:
+def ablation_figure(points: list[CheckpointResult], path: Path, baseline_acc: float | None,
+                    colors: dict[str, str]) -> Path | None:
     rows = ablation_rows(points)
     if not rows:
         return None
     methods = sorted({r["method"] for r in rows}, key=method_order)
-    colors = _colors(methods)
+    several_betas = len({r["beta"] for r in rows}) > 1
     plt = _pyplot()
     fig, (ax, bars) = plt.subplots(1, 2, figsize=(10, 4))
     for method in methods:
-        line = sorted((r for r in rows if r["method"] == method and r["win_rate"] and r["lm_acc"]),
-                      key=lambda r: r["epoch"])
-        if line:
+        for beta in sorted({r["beta"] for r in rows if r["method"] == method}):
+            line = sorted((r for r in rows if r["method"] == method and r["beta"] == beta and r["win_rate"]
+                           and r["lm_acc"]), key=lambda r: r["epoch"])
+            if not line:
+                continue
             xs, ys = [r["win_rate"].mean for r in line], [r["lm_acc"].mean * 100 for r in line]
-            ax.plot(xs, ys, "-o", color=colors[method], label=method, markersize=5)
+            label = f"{method} β={beta:g}" if several_betas else method
+            ax.plot(xs, ys, "-o", color=colors[method], label=label, markersize=5)
             for r, x, y in zip(line, xs, ys):
                 ax.annotate(f"{r['epoch']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if baseline_acc is not None:
@@ -360,8 +382,9 @@ def ablation_figure(points: list[CheckpointResult], path: Path, baseline_acc: fl
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     final = {}
-    for r in rows:
-        if r["method"] not in final or r["epoch"] > final[r["method"]]["epoch"]:
+    for r in rows:  # per method: its last epoch (at its smallest beta when there are several)
+        best = final.get(r["method"])
+        if best is None or (r["beta"], -r["epoch"]) < (best["beta"], -best["epoch"]):
             final[r["method"]] = r
     width = 0.38
     for i, method in enumerate(methods):
@@ -382,14 +405,13 @@ def ablation_figure(points: list[CheckpointResult], path: Path, baseline_acc: fl
     return path
 
 
-def sensitivity_figure(points: list[CheckpointResult], path: Path) -> Path | None:
+def sensitivity_figure(points: list[CheckpointResult], path: Path, colors: dict[str, str]) -> Path | None:
     """Final-epoch win-rate, LM accuracy and validation reward accuracy against beta (log axis),
     seed mean with a bar of one standard deviation over seeds."""
-    rows = seed_spread([p for p in points if not p.variant])
+    methods = multi_beta_methods(points)
+    rows = seed_spread([p for p in points if p.method in methods])
     if not rows:
         return None
-    methods = main_methods(points)
-    colors = _colors(methods)
     plt = _pyplot()
     panels = (("win_rate", "win-rate vs SFT (%)", 1.0), ("lm_acc", "LM accuracy (%)", 100.0),
               ("reward_accuracy", "validation reward accuracy (%)", 100.0))
@@ -599,11 +621,12 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, co
     out.mkdir(parents=True, exist_ok=True)
     points = results.checkpoints
     mains = main_methods(points)
+    colors = method_colors(points)
     figures = {
         "scatter": scatter_figure(points, mains, out / "winrate_vs_lm_accuracy.png", results.baseline_lm_acc,
-                                  "seed means; markers = β, lines join a β's epochs"),
-        "sensitivity": sensitivity_figure(points, out / "beta_sensitivity.png"),
-        "ablation": ablation_figure(points, out / "ablations.png", results.baseline_lm_acc),
+                                  "seed means; markers = β, lines join a β's epochs (numbers = epoch)", colors),
+        "sensitivity": sensitivity_figure(points, out / "beta_sensitivity.png", colors),
+        "ablation": ablation_figure(points, out / "ablations.png", results.baseline_lm_acc, colors),
         "curves": curves_figure(results.curves, out / "training_curves.png"),
     }
     text, data = markdown_report(results, figures, command, notes)
