@@ -32,15 +32,17 @@ def write_prefs(path: Path, count: int, seed: int) -> str:
     with open(path, "w") as handle:
         for _ in range(count):
             word = rng.choice(words) + rng.choice(words)
-            handle.write(json.dumps({"prompt": f"Repeat the word {word}.", "chosen": word,
-                                     "rejected": rng.choice(["I am not sure about that, sorry.", f"{word} {word}"])}) + "\n")
+            rejected = rng.choice(["I am not sure about that, sorry.", f"{word} {word}"])
+            row = {"prompt": f"Repeat the word {word}.", "chosen": word, "rejected": rejected}
+            handle.write(json.dumps(row) + "\n")
     return str(path)
 
 
 def run_values(tmp_path: Path, model_dir: Path, scope: str, name: str, accumulation: int) -> dict:
     """Global batch 8: 4 pairs per process per micro-batch x (2 processes, or accumulation 2)."""
-    return dict(model=str(model_dir), dataset=[str(tmp_path / "train.jsonl")], eval_dataset=[str(tmp_path / "eval.jsonl")],
-                output_dir=str(tmp_path / f"{name}-{scope}"), cache_dir=str(tmp_path / f"cache-{name}"),
+    return dict(model=str(model_dir), dataset=[str(tmp_path / "train.jsonl")],
+                eval_dataset=[str(tmp_path / "eval.jsonl")], output_dir=str(tmp_path / f"{name}-{scope}"),
+                cache_dir=str(tmp_path / f"cache-{name}"),
                 per_device_batch_size=4, gradient_accumulation_steps=accumulation, epochs=2, normalize_scope=scope,
                 learning_rate=1e-3, warmup_ratio=0.0, progress=False, logging_steps=1, save_steps=3)
 
@@ -94,7 +96,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
             assert checkpoint.verify(path) is None
         # The same files, plus rank 1's RNG state in every checkpoint.
         extra = files_in(run_two) - files_in(run_one)
-        assert extra == {f"checkpoints/{p.name}/state/random_states_1.pkl" for p in checkpoint.list_checkpoints(run_two)}
+        rank1_states = {f"checkpoints/{p.name}/state/random_states_1.pkl" for p in checkpoint.list_checkpoints(run_two)}
+        assert extra == rank1_states
         assert files_in(run_one) <= files_in(run_two)
 
 

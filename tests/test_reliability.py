@@ -225,7 +225,8 @@ def test_damaged_checkpoints_are_skipped_with_a_reason_and_the_previous_one_is_u
     train(make_config(values))
     run = Path(values["output_dir"])
     original = weights(run, "epoch-1")
-    assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step-0000001", "step-0000002", "step-0000003", "epoch-1"]
+    names = [p.name for p in checkpoint.list_checkpoints(run)]
+    assert names == ["step-0000001", "step-0000002", "step-0000003", "epoch-1"]
 
     corrupt(run / "checkpoints/epoch-1/state/model.safetensors")  # bit rot
     (run / "checkpoints/step-0000003/state/optimizer.bin").write_bytes(b"")  # truncated
@@ -451,16 +452,17 @@ def test_nonfinite_steps_are_skipped_counted_and_logged_and_training_continues(
     assert train_records(run)[-1]["nonfinite_steps"] == 2
     assert "non-finite loss or gradient, step skipped" in capsys.readouterr().out
     names = {checkpoint.read_trainer_state(p)["global_step"]: p.name for p in checkpoint.list_checkpoints(run)}
-    initial = load_file(tiny_model_dir / "model.safetensors")
+    previous = load_file(tiny_model_dir / "model.safetensors")  # the weights before step 1
     for step in range(1, 9):
-        before = weights(run, names[step - 1]) if step > 1 else {k: v for k, v in initial.items() if k in weights(run, names[1])}
         after = weights(run, names[step])
-        unchanged = all(torch.equal(before[k], after[k]) for k in after)
+        unchanged = all(torch.equal(previous[k], after[k]) for k in after)
         assert unchanged == (step in bad_steps), f"step {step}: weights {'un' if unchanged else ''}changed"
         assert all(torch.isfinite(t).all() for t in after.values())
+        previous = after
 
 
-def test_persistent_nonfinite_stops_with_a_clear_message_and_writes_no_bad_weights(tmp_path, tiny_model_dir, monkeypatch):
+def test_persistent_nonfinite_stops_with_a_clear_message_and_writes_no_bad_weights(
+        tmp_path, tiny_model_dir, monkeypatch):
     values = run_config(tmp_path, tiny_model_dir, per_device_batch_size=2, gradient_accumulation_steps=1,
                         save_steps=4, eval_dataset=[])  # 16 steps per epoch
     poison_policy_logps(monkeypatch, {f"train:train:{i}" for i in range(32)})
