@@ -26,7 +26,6 @@ GOOD = {"prompt": "Repeat the word banop.", "chosen": "banop", "rejected": "I am
 SPECIAL = ["<|end|>", "<|assistant|>", "<|user|>", "<|system|>", "<|pad|>", "\n", " ", "{{", "{%"]
 
 DATA_GAP = "data module gap, reported to its owner (see docs/reliability.md)"
-CONFIG_GAP = "config.from_dict does not check YAML value types/choices; reported (see docs/reliability.md)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +300,7 @@ BAD_CONFIGS = [  # (test id, YAML values, expected message)
     ("beta=0", {"beta": 0.0}, "config key 'beta': must be > 0"),
     ("beta<0", {"beta": -1.0}, "config key 'beta': must be > 0"),
     ("learning_rate=0", {"learning_rate": 0.0}, "config key 'learning_rate': must be > 0"),
-    ("learning_rate=nan", {"learning_rate": math.nan}, "config key 'learning_rate': must be > 0"),
+    ("learning_rate=nan", {"learning_rate": math.nan}, "config key 'learning_rate': must be a finite number"),
     ("epochs=0", {"epochs": 0}, "config key 'epochs': must be >= 1"),
     ("accumulation=0", {"gradient_accumulation_steps": 0}, "config key 'gradient_accumulation_steps': must be >= 1"),
     ("warmup_ratio=1", {"warmup_ratio": 1.0}, "config key 'warmup_ratio': must be in [0, 1)"),
@@ -313,7 +312,7 @@ BAD_CONFIGS = [  # (test id, YAML values, expected message)
      "config key 'report_to': trackers are tensorboard, wandb, mlflow"),
     ("dataset=[]", {"dataset": []}, "config key 'dataset': needs at least one dataset"),
 ]
-CONFIG_GAPS = [  # accepted wrongly today (see docs/reliability.md, "Known gaps")
+CONFIG_GAPS = [  # wrong types, unknown choices, non-finite numbers
     {"beta": "0.1"}, {"epochs": "3"}, {"per_device_batch_size": 2.5}, {"resume": "yes"}, {"objective": "ppo"},
     {"normalize": "zscore"}, {"normalize_scope": "global"}, {"dtype": "float8"}, {"optimizer": "sgd"},
     {"on_bad_rows": "ignore"}, {"beta": math.inf}, {"gamma": math.nan},
@@ -322,8 +321,7 @@ CONFIG_GAPS = [  # accepted wrongly today (see docs/reliability.md, "Known gaps"
 
 @pytest.mark.parametrize("values, fragment", [
     *[pytest.param(values, fragment, id=case) for case, values, fragment in BAD_CONFIGS],
-    *[pytest.param(values, f"config key '{key}'", id=f"gap-{key}={value!r}",
-                   marks=pytest.mark.xfail(strict=True, reason=CONFIG_GAP))
+    *[pytest.param(values, f"config key '{key}'", id=f"type-{key}={value!r}")
       for values in CONFIG_GAPS for key, value in values.items()],
 ])
 def test_bad_config_value_is_a_config_error_naming_the_key(values, fragment):

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +164,7 @@ class TrainConfig(CommonConfig):
 
 def resolve(cfg: CommonConfig) -> CommonConfig:
     """Fill objective-dependent defaults (beta, learning rate) and check every value."""
+    check_types(cfg)
     updates: dict[str, Any] = {}
     if isinstance(cfg, TrainConfig):
         defaults = OBJECTIVE_DEFAULTS[cfg.objective]
@@ -175,7 +179,43 @@ def resolve(cfg: CommonConfig) -> CommonConfig:
     return cfg
 
 
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the field type ``hint`` (YAML gives strings for typos like '0.1')."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        return None if value in args else f"must be one of {', '.join(map(repr, args))}"
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = [_type_problem(value, a) for a in args if a is not type(None)]
+        return None if any(p is None for p in problems) else problems[0]
+    if origin is tuple:
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+        return None if ok else "must be a list of strings"
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "must be an integer"
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        return None if math.isfinite(value) else "must be a finite number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    return None
+
+
+def check_types(cfg: CommonConfig) -> None:
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        problem = _type_problem(getattr(cfg, f.name), hints[f.name])
+        if problem:
+            raise ConfigError(f"config key '{f.name}': {problem} (got {getattr(cfg, f.name)!r})")
+
+
 def validate(cfg: CommonConfig) -> None:
+    check_types(cfg)
+
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise ConfigError(f"config key '{key}': {message} (got {getattr(cfg, key)!r})")
