@@ -73,8 +73,9 @@ def test_objectives_and_ablations_train(tmp_path, tiny_model_dir, prefs, overrid
 def test_training_moves_weights_and_raises_reward_accuracy(tmp_path, tiny_model_dir, prefs):
     result = train(config(tmp_path, tiny_model_dir, prefs, epochs=3, objective="dpo", learning_rate=5e-3))
     evals = [r for r in result.metrics if "eval_rewards/accuracies" in r]
-    # DPO rewards are 0 for every pair before training (policy == reference).
-    assert evals[0]["eval_rewards/accuracies"] == 0.0
+    # DPO rewards are 0 for every pair before training (policy == reference), up to the rounding of
+    # different batch layouts in the reference pass and the evaluation pass.
+    assert abs(evals[0]["eval_rewards/margins"]) < 1e-4 and abs(evals[0]["eval_rewards/chosen"]) < 1e-4
     assert evals[-1]["eval_rewards/accuracies"] > 0.5
 
 
