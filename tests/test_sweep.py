@@ -196,6 +196,10 @@ def test_tuning_selects_stage_by_stage_by_validation_reward_accuracy(tmp_path, w
     first = make_plan(sweep, tmp_path / "s")
     assert [r.roles[0]["stage"] for r in first.runs] == [1, 1]  # nothing else can be configured yet
     assert any("waiting" in w for w in first.waiting)
+    # A dry run also shows what will run after tuning, with the defaults for what tuning picks.
+    ahead = make_plan(sweep, tmp_path / "s", provisional=True)
+    assert [r.provisional for r in ahead.runs] == [False, False, True, True, True]
+    assert ahead.runs[-1].roles[0]["kind"] == "experiment"
 
     outcome = run_sweep(sweep, sweep_dir=tmp_path / "s", say=lambda *_: None)
     assert not outcome.failed and not outcome.waiting

@@ -363,6 +363,7 @@ class PlannedRun:
     eval_settings: dict[str, Any] | None = None
     kind: str = "train"  # "train" or "baseline"
     model: str | None = None  # the model a baseline entry evaluates
+    provisional: bool = False  # dry runs only: settings still depend on unfinished tuning
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "roles": self.roles, "evaluate": self.evaluate,
@@ -399,24 +400,27 @@ def eval_settings_for(sweep: SweepConfig, cfg: TrainConfig | None) -> EvalSettin
 
 
 class _PlanBuilder:
-    def __init__(self, sweep: SweepConfig, sweep_dir: Path):
+    def __init__(self, sweep: SweepConfig, sweep_dir: Path, provisional: bool):
         self.sweep, self.sweep_dir = sweep, sweep_dir
+        self.provisional = provisional  # also plan runs that wait for tuning, with the values so far
         self.runs: dict[str, PlannedRun] = {}
         self.waiting: list[str] = []
 
-    def add(self, cfg: TrainConfig, role: dict[str, Any], evaluate: bool) -> None:
+    def add(self, cfg: TrainConfig, role: dict[str, Any], evaluate: bool, provisional: bool = False) -> None:
         name = Path(cfg.output_dir).name
         existing = self.runs.get(name)
         if existing is not None:
             if to_dict(existing.config) != to_dict(cfg):  # pragma: no cover - names spell out every difference
                 raise ConfigError(f"two different runs would share the folder {name}")
             existing.roles.append(role)
+            existing.provisional = existing.provisional and provisional
             if evaluate and not existing.evaluate:
                 existing.evaluate = True
                 existing.eval_settings = to_dict(eval_settings_for(self.sweep, cfg))
             return
         self.runs[name] = PlannedRun(name, cfg, [role], evaluate,
-                                     to_dict(eval_settings_for(self.sweep, cfg)) if evaluate else None)
+                                     to_dict(eval_settings_for(self.sweep, cfg)) if evaluate else None,
+                                     provisional=provisional)
 
 
 def _tuning_plan(builder: _PlanBuilder) -> tuple[dict[str, dict[str, Any]], set[str], list[dict]]:
@@ -433,19 +437,25 @@ def _tuning_plan(builder: _PlanBuilder) -> tuple[dict[str, dict[str, Any]], set[
             combos = _grid_combinations(stage, objective)
             if combos == [{}]:
                 continue  # this stage tunes nothing of this objective
+            pending = objective in unfinished  # a dry run's look past an unfinished stage
             candidates = []
             for combo in combos:
                 values = {**tuning.overrides, **selected[objective], **combo}
                 cfg = build_run_config(sweep, builder.sweep_dir, objective, values, f"tuning stage {k} ({objective})")
-                builder.add(cfg, {"kind": "tune", "stage": k, "objective": objective, "values": combo}, evaluate=False)
+                builder.add(cfg, {"kind": "tune", "stage": k, "objective": objective, "values": combo},
+                            evaluate=False, provisional=pending)
                 run_dir = Path(cfg.output_dir)
                 accuracy = validation_reward_accuracy(run_dir) if training_finished(run_dir) else None
                 candidates.append({"run": run_dir.name, "values": combo, "reward_accuracy": accuracy})
+            if pending:
+                continue
             record = {"stage": k, "objective": objective, "keys": sorted(combos[0]), "candidates": candidates}
             records.append(record)
             if any(c["reward_accuracy"] is None for c in candidates):
                 unfinished.add(objective)
                 builder.waiting.append(f"tuning stages after {k} of {objective} (waiting for stage {k})")
+                if builder.provisional:
+                    continue
                 break
             best = max(candidates, key=lambda c: c["reward_accuracy"])  # first listed wins a tie
             record["selected"] = best["values"]
@@ -453,24 +463,30 @@ def _tuning_plan(builder: _PlanBuilder) -> tuple[dict[str, dict[str, Any]], set[
     return selected, unfinished, records
 
 
-def make_plan(sweep: SweepConfig, sweep_dir: str | Path | None = None) -> Plan:
-    """Every run that can be configured now (tuning results so far decide the experiment runs)."""
+def make_plan(sweep: SweepConfig, sweep_dir: str | Path | None = None, *, provisional: bool = False) -> Plan:
+    """Every run that can be configured now (tuning results so far decide the experiment runs).
+
+    ``provisional``: also list the runs that wait for tuning, with the values chosen so far and
+    defaults for the rest (marked ``provisional``; a dry run's estimate of the whole sweep).
+    """
     sweep_dir = Path(sweep_dir or sweep.output_dir)
-    builder = _PlanBuilder(sweep, sweep_dir)
+    builder = _PlanBuilder(sweep, sweep_dir, provisional)
     selected, unfinished, records = _tuning_plan(builder)
     models = []
     for block in sweep.experiments:
         objectives = _objectives_of(block.grid.get("objective", sweep.base.get("objective", "mmpo")), block.name)
         for objective in objectives:
-            if objective in unfinished:
+            pending = objective in unfinished
+            if pending:
                 builder.waiting.append(f"experiments '{block.name}' of {objective} (waiting for its tuning)")
-                continue
+                if not provisional:
+                    continue
             for combo in _grid_combinations(block.grid, objective):
                 for label, overrides in block.variants.items():
                     values = {**selected[objective], **combo, **overrides}
                     cfg = build_run_config(sweep, sweep_dir, objective, values, f"experiments '{block.name}'")
                     builder.add(cfg, {"kind": "experiment", "block": block.name, "variant": label,
-                                      "objective": objective}, evaluate=sweep.eval is not None)
+                                      "objective": objective}, evaluate=sweep.eval is not None, provisional=pending)
                     if cfg.model not in models:
                         models.append(cfg.model)
     runs = list(builder.runs.values())
@@ -701,7 +717,7 @@ def _worker_env(slot: int, workers: int, gpus: int) -> dict[str, str]:
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     else:  # share the cores instead of oversubscribing them
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
     return env
 
 
@@ -910,7 +926,8 @@ def describe_run(run: PlannedRun, sweep_dir: Path) -> dict[str, Any]:
             "checkpoints": cfg.epochs, "evaluated": run.evaluate, "model": cfg.model,
             "memory_gib": memory.total_gib if memory else None,
             "memory_parts": {k: round(v, 2) for k, v in memory.parts.items()} if memory else None,
-            "parameters": memory.parameters if memory else None, "status": run_status(run, sweep_dir),
+            "parameters": memory.parameters if memory else None,
+            "status": "after tuning" if run.provisional else run_status(run, sweep_dir),
             "roles": [f"tune {r['stage']}" if r["kind"] == "tune" else r.get("block", r["kind"]) for r in run.roles]}
 
 
@@ -938,6 +955,9 @@ def plan_summary(rows: list[dict[str, Any]], waiting: list[str]) -> list[str]:
              + (" (+ runs of unknown size)" if None in steps else "")
              + f", {sum(r['checkpoints'] for r in trained if r['evaluated'])} checkpoints to evaluate; "
              f"{sum(r['status'] == 'done' for r in rows)} of {len(rows)} entries already done."]
+    if any(r["status"] == "after tuning" for r in rows):
+        lines.append("Runs marked 'after tuning' are shown with default values for what tuning will choose; "
+                     "they run once the stages before them have finished.")
     lines += [f"waiting: {w}" for w in waiting]
     lines.append("GPU memory is a rough estimate per run (weights, gradients, optimizer, activations at the "
                  "maximum sequence length, logits; see mmpo.sweep.estimate_gpu_memory), not a measurement.")
@@ -982,13 +1002,14 @@ def command(argv: list[str], say: Callable[[Any], Any] = print) -> int:
     args = parser.parse_args(rest)
     sweep = load_sweep(args.config, output_dir=args.out, set_values=args.set, grid_values=args.grid)
     sweep_dir = Path(sweep.output_dir)
-    plan = make_plan(sweep, sweep_dir)
     if action == "plan" or args.dry_run:
-        rows = [describe_run(r, sweep_dir) for r in plan.runs]
+        shown = make_plan(sweep, sweep_dir, provisional=True)
+        rows = [describe_run(r, sweep_dir) for r in shown.runs]
         say(plan_table(rows))
-        for line in plan_summary(rows, plan.waiting):
+        for line in plan_summary(rows, shown.waiting):
             say(line)
         if action == "plan":
+            plan = make_plan(sweep, sweep_dir)
             write_plan(plan, sweep)
             say(f"wrote {sweep_dir / PLAN_FILE} and {sweep_dir / COMMANDS_FILE} ({len(plan.runs)} commands)")
         return 0
