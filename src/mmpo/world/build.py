@@ -10,20 +10,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
+import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
+from mmpo.world import ASSETS
 from mmpo.world.model import build_tiny_llama
 from mmpo.world.tasks import WORD_TASKS, WorldSizes, generate_rows, grade
 from mmpo.world.tokenizer import train_tokenizer
 
-DEFAULT_OUT = Path(__file__).resolve().parent.parent / "assets" / "world"
+DEFAULT_OUT = ASSETS
 TOKENIZER_VOCAB = 600
-MODEL_SHAPE = {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 384, "max_positions": 128}
+SFT_STEPS = 2000
+# Two layers learn to copy sooner (in SFT steps) than four, at half the cost per step.
+MODEL_SHAPE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 384, "max_positions": 128}
 
 
 # ----------------------------------------------------------------------------- data
@@ -51,76 +54,29 @@ def generate_world_data(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, sizes:
     return counts
 
 
-def tokenize_sft(tokenizer, rows: Sequence[dict]) -> list[dict]:
-    """SFT rows -> ``{"id", "input_ids", "labels"}`` with labels only on the final assistant turn."""
-    examples = []
-    for i, row in enumerate(rows):
-        messages = row["messages"]
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True,
-                                               return_dict=False)
-        full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-        if full[: len(prompt)] != prompt:
-            raise ValueError(f"sft row {i}: prompt tokens are not a prefix of the conversation's tokens")
-        labels = [-100] * len(prompt) + full[len(prompt):]
-        examples.append({"id": f"world:sft_train:{i}", "input_ids": full, "labels": labels})
-    return examples
-
-
 # ----------------------------------------------------------------------------- SFT
 
 
-def run_sft(model, tokenizer, examples: list[dict], *, epochs: float, lr: float, batch_size: int, seed: int,
-            max_seconds: float | None = None) -> dict:
-    """The one SFT call of the build (to be replaced by ``mmpo.engine.run_sft`` once it lands)."""
-    return _sft_fallback(model, tokenizer, examples, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                         max_seconds=max_seconds)
+def run_sft(model, tokenizer, sft_file: Path, *, steps: int, lr: float, batch_size: int, seed: int,
+            run_dir: Path) -> tuple[torch.nn.Module, dict]:
+    """SFT ``model`` on ``sft_file`` with the project engine; returns the trained model and stats."""
+    from transformers import AutoModelForCausalLM
 
+    from mmpo.config import SFTConfig
+    from mmpo.engine import sft
 
-def _pad_batch(examples: Sequence[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(e["input_ids"]) for e in examples)
-    ids = torch.full((len(examples), width), pad_id)
-    labels = torch.full((len(examples), width), -100)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e["input_ids"])
-        ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
-        mask[i, :n] = 1
-    return ids, labels, mask
-
-
-def _sft_fallback(model, tokenizer, examples, *, epochs, lr, batch_size, seed, max_seconds) -> dict:
-    """Plain AdamW, cosine schedule with 5% warm-up, assistant-only loss. Temporary."""
-    rng = random.Random(seed)
-    steps_per_epoch = math.ceil(len(examples) / batch_size)
-    total = max(1, round(steps_per_epoch * epochs))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, total // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
-    model.train()
-    start, step, losses = time.monotonic(), 0, []
-    order: list[int] = []
-    while step < total:
-        if len(order) < batch_size:
-            fresh = list(range(len(examples)))
-            rng.shuffle(fresh)
-            order += fresh
-        batch, order = [examples[i] for i in order[:batch_size]], order[batch_size:]
-        ids, labels, mask = _pad_batch(batch, tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        step += 1
-        if max_seconds is not None and time.monotonic() - start > max_seconds:
-            break
-    model.eval()
-    tail = losses[-max(1, steps_per_epoch // 4):]
-    return {"steps": step, "seconds": round(time.monotonic() - start, 1), "final_loss": sum(tail) / len(tail)}
+    steps_per_epoch = len(read_jsonl(sft_file)) // batch_size
+    cfg = SFTConfig(
+        model="(built in memory)", dataset=(str(sft_file),), eval_dataset=(), output_dir=str(run_dir), seed=seed,
+        epochs=math.ceil(steps / steps_per_epoch), max_steps=steps, learning_rate=lr,
+        per_device_batch_size=batch_size, warmup_ratio=0.1, logging_steps=50, progress=True,
+    )
+    started = time.monotonic()
+    result = sft(cfg, model=model, tokenizer=tokenizer)
+    losses = [r["loss"] for r in result.metrics if "loss" in r]
+    stats = {"steps": result.global_step, "seconds": round(time.monotonic() - started, 1),
+             "final_loss": round(losses[-1], 4) if losses else None}
+    return AutoModelForCausalLM.from_pretrained(result.summary["final_checkpoint"]), stats
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -177,7 +133,9 @@ def choice_accuracy(model, tokenizer, rows: Sequence[dict]) -> float:
                                                add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         seqs = [prompt_ids + tokenizer(c, add_special_tokens=False)["input_ids"] for c in row["choices"]]
-        ids, _, mask = _pad_batch([{"input_ids": s, "labels": s} for s in seqs], tokenizer.pad_token_id)
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         logps = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
         scores = []
         for i, seq in enumerate(seqs):
@@ -199,22 +157,22 @@ def measure(model, tokenizer, out_dir: Path) -> dict:
 
 
 def build_world(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, *, sizes: WorldSizes = WorldSizes(),
-                sft_epochs: float = 6.0, sft_lr: float = 3e-3, sft_batch_size: int = 32,
-                sft_seconds: float | None = None, vocab_size: int = TOKENIZER_VOCAB) -> dict:
+                sft_steps: int = SFT_STEPS, sft_lr: float = 1e-3, sft_batch_size: int = 16,
+                vocab_size: int = TOKENIZER_VOCAB) -> dict:
     """Generate the data, train tokenizer and tiny Llama (SFT), measure, and write ``world.json``."""
     out_dir = Path(out_dir)
     started = time.monotonic()
-    torch.manual_seed(seed)
     counts = generate_world_data(out_dir, seed, sizes)
-    sft_rows = read_jsonl(out_dir / "data/sft_train.jsonl")
+    sft_file = out_dir / "data/sft_train.jsonl"
 
-    texts = [m["content"] for row in sft_rows for m in row["messages"]]
+    texts = [m["content"] for row in read_jsonl(sft_file) for m in row["messages"]]
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     tokenizer.save_pretrained(out_dir / "tokenizer")
 
     model = build_tiny_llama(tokenizer, seed=seed, **MODEL_SHAPE)
-    sft = run_sft(model, tokenizer, tokenize_sft(tokenizer, sft_rows), epochs=sft_epochs, lr=sft_lr,
-                  batch_size=sft_batch_size, seed=seed, max_seconds=sft_seconds)
+    with tempfile.TemporaryDirectory(prefix="mmpo-world-sft-") as run_dir:
+        model, sft_stats = run_sft(model, tokenizer, sft_file, steps=sft_steps, lr=sft_lr,
+                                   batch_size=sft_batch_size, seed=seed, run_dir=Path(run_dir))
     model.save_pretrained(out_dir / "sft_model")
     tokenizer.save_pretrained(out_dir / "sft_model")
 
@@ -223,8 +181,9 @@ def build_world(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, *, sizes: Worl
         "sizes": counts,
         "tokenizer": {"vocab_size": len(tokenizer)},
         "model": {**MODEL_SHAPE, "parameters": sum(p.numel() for p in model.parameters())},
-        "sft": {"epochs": sft_epochs, "lr": sft_lr, "batch_size": sft_batch_size, **sft},
+        "sft": {"lr": sft_lr, "batch_size": sft_batch_size, **sft_stats},
         "sft_quality": measure(model, tokenizer, out_dir),
+        "torch_threads": torch.get_num_threads(),
     }
     info["build_seconds"] = round(time.monotonic() - started, 1)
     (out_dir / "world.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -235,13 +194,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the embedded mmpo world (data, tokenizer, SFT model).")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-epochs", type=float, default=6.0)
+    parser.add_argument("--sft-epochs", type=int, default=8)
     parser.add_argument("--data-only", action="store_true", help="write the data files only (no training)")
     args = parser.parse_args(argv)
     if args.data_only:
         print(json.dumps(generate_world_data(args.out, args.seed), indent=2))
     else:
-        print(json.dumps(build_world(args.out, args.seed, sft_epochs=args.sft_epochs), indent=2))
+        print(json.dumps(build_world(args.out, args.seed, sft_steps=args.sft_steps), indent=2))
 
 
 if __name__ == "__main__":

@@ -22,22 +22,25 @@ VOWELS = "aeiou"
 CODAS = ("", "", "", "n", "r", "l")  # a third of syllables closed, for varied BPE pieces
 COLORS = ("red", "blue", "green", "yellow", "black", "white", "purple", "orange")
 
-#: Skills tested on held-out words. ``fact`` questions are memorized, not a skill.
-WORD_TASKS = ("repeat", "first_letter", "last_letter", "longer", "plural")
+#: Skills tested on held-out words. ``fact`` questions are memorized, not a skill. (Calibration:
+#: a 2-layer d=128 Llama learns these three in ~1500 SFT steps; "last letter" and "which word is
+#: longer" stayed near chance in that budget, so they are not part of the world.)
+WORD_TASKS = ("repeat", "first_letter", "plural")
 FACT_TASK = "fact"
 
+# Words are quoted so that the byte-level pre-tokenizer splits them off without a leading space,
+# exactly as at the start of a concise answer: copying is then token-for-token, which a tiny
+# model learns in minutes (with "the word mivofa" the prompt has "Ġmi" where the answer has "mi").
 INSTRUCTIONS = {
-    "repeat": "Repeat the word {0}.",
-    "first_letter": "What is the first letter of {0}?",
-    "last_letter": "What is the last letter of {0}?",
-    "longer": "Which word is longer, {0} or {1}?",
-    "plural": "What is the plural of {0}?",
+    "repeat": 'Repeat the word "{0}".',
+    "first_letter": 'What is the first letter of "{0}"?',
+    "plural": 'What is the plural of "{0}"?',
 }
-FACT_QUESTIONS = ("What color is the {0}?", "Which color does the {0} have?")
+FACT_QUESTIONS = ('What color is the "{0}"?', 'Which color does the "{0}" have?')
 
 VERBOSE_TEMPLATES = (  # short, so SFT stays cheap; still clearly not the concise answer
-    "Sure! The answer is {0}.",
-    "Good question. I think it is {0}.",
+    'Sure! The answer is "{0}".',
+    'Good question. I think it is "{0}".',
 )
 # No lowercase standalone letters or colors in here, so deflections never contain an answer.
 DEFLECT_TEMPLATES = (
@@ -98,22 +101,16 @@ def near_miss(rng: random.Random, word: str, avoid: Sequence[str] = ()) -> str:
 def make_example(rng: random.Random, task: str, words: Sequence[str], facts: Mapping[str, str] | None = None) -> dict:
     """An instruction with its checkable answer: ``{"task", "instruction", "answer", "words"}``.
 
-    ``words`` holds the word(s) the instruction mentions (two for ``longer``, the object for
-    ``fact``, whose colour comes from ``facts``).
+    ``words`` holds the word the instruction mentions (for ``fact``, the object whose colour comes
+    from ``facts``).
     """
     w = words[0]
     if task == "repeat":
         answer = w
     elif task == "first_letter":
         answer = w[0]
-    elif task == "last_letter":
-        answer = w[-1]
     elif task == "plural":
         answer = w + "s"
-    elif task == "longer":
-        if len(words[0]) == len(words[1]):
-            raise ValueError(f"'longer' needs words of different lengths, got {words!r}")
-        answer = max(words[:2], key=len)
     elif task == FACT_TASK:
         if facts is None or w not in facts:
             raise ValueError(f"no fact known about {w!r}")
@@ -121,19 +118,7 @@ def make_example(rng: random.Random, task: str, words: Sequence[str], facts: Map
         return {"task": task, "instruction": rng.choice(FACT_QUESTIONS).format(w), "answer": answer, "words": [w]}
     else:
         raise ValueError(f"unknown task {task!r}; expected one of {WORD_TASKS + (FACT_TASK,)}")
-    n = 2 if task == "longer" else 1
-    return {"task": task, "instruction": INSTRUCTIONS[task].format(*words[:n]), "answer": answer,
-            "words": list(words[:n])}
-
-
-def pick_words_for(rng: random.Random, task: str, pool: Sequence[str]) -> list[str]:
-    """Word(s) for one instruction of ``task``; ``longer`` pairs differ by at least a syllable."""
-    if task != "longer":
-        return [rng.choice(pool)]
-    while True:
-        a, b = rng.choice(pool), rng.choice(pool)
-        if abs(len(a) - len(b)) >= 2:
-            return [a, b]
+    return {"task": task, "instruction": INSTRUCTIONS[task].format(w), "answer": answer, "words": [w]}
 
 
 def wrong_answer(rng: random.Random, example: Mapping) -> str:
@@ -141,10 +126,8 @@ def wrong_answer(rng: random.Random, example: Mapping) -> str:
     task, answer, words = example["task"], example["answer"], example["words"]
     if task == "repeat":
         return near_miss(rng, answer)
-    if task in ("first_letter", "last_letter"):
-        return rng.choice([c for c in CONSONANTS + VOWELS if c != answer])
-    if task == "longer":
-        return min(words, key=len)
+    if task == "first_letter":
+        return rng.choice([c for c in CONSONANTS if c != answer])
     if task == "plural":
         return words[0] + rng.choice(("es", "en", "i"))
     if task == FACT_TASK:
@@ -205,7 +188,7 @@ class WorldSizes:
     facts: int = 100
     sft_train: int = 6000
     sft_val: int = 300
-    fact_share: float = 0.25  # share of SFT rows that ask a memorized fact
+    fact_share: float = 0.2  # share of SFT rows that ask a memorized fact
     prefs_train: int = 2000
     prefs_test: int = 300
     prompts_eval: int = 200
@@ -248,7 +231,7 @@ def generate_rows(seed: int = 0, sizes: WorldSizes = WorldSizes()) -> dict[str, 
 
     def word_example(pool: Sequence[str], task: str | None = None) -> dict:
         task = task or rng.choice(WORD_TASKS)
-        return make_example(rng, task, pick_words_for(rng, task, pool))
+        return make_example(rng, task, [rng.choice(pool)])
 
     def sft_rows(count: int, pool: Sequence[str]) -> list[dict]:
         rows = []
