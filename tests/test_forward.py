@@ -25,7 +25,8 @@ from mmpo.world.tokenizer import END
 
 KERNELS = ["sdpa", "eager"]
 FAST_OPTIONS = {
-    "chunked-only": ForwardOptions(share_prompt=False, packing=False, logits_chunk_size=3),
+    "chunked-only": ForwardOptions(share_prompt=False, packing=False, logits_chunk_size=3, selective_recompute=False),
+    "recompute-only": ForwardOptions(share_prompt=False, packing=False, logits_chunk_size=0),
     "shared-prompt": ForwardOptions(share_prompt=True, packing=False, logits_chunk_size=0),
     "packed": ForwardOptions(share_prompt=False, packing=True, logits_chunk_size=5),
     "shared+packed+chunked": ForwardOptions(share_prompt=True, packing=True, logits_chunk_size=4),
@@ -208,7 +209,7 @@ def test_a_wrong_mask_is_caught(tokenizer, monkeypatch):
 def test_shared_prompt_layout_positions_and_visibility():
     # prompt [11, 12], chosen [21, 22], rejected [31]
     unit = fw._shared_prompt_unit([11, 12], [21, 22], [31], pair=0, num_pairs=1)
-    layout = fw._build_layout([unit], packing=True, pad_token_id=0, device="cpu", mask_kind="bool")
+    layout = fw._build_layout([unit], [[0]], pad_token_id=0, device="cpu", mask_kind="bool")
     assert layout.input_ids.tolist() == [[11, 12, 21, 22, 31]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
     sees = layout.attention_mask[0, 0].int().tolist()
@@ -223,7 +224,7 @@ def test_shared_prompt_layout_positions_and_visibility():
 def test_packing_puts_sequences_side_by_side_without_crosstalk():
     units = [fw._sequence_unit([1, 2, 3, 4], [-100, 2, 3, 4], 0), fw._sequence_unit([5, 6], [-100, 6], 1),
              fw._sequence_unit([7, 8], [-100, 8], 2)]
-    layout = fw._build_layout(units, packing=True, pad_token_id=0, device="cpu", mask_kind=torch.float32)
+    layout = fw._build_layout(units, [[0], [1, 2]], pad_token_id=0, device="cpu", mask_kind=torch.float32)
     assert layout.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
     mask = layout.attention_mask[1, 0]
@@ -231,12 +232,15 @@ def test_packing_puts_sequences_side_by_side_without_crosstalk():
     assert float(mask[3, 2]) == 0.0 and float(mask[1, 0]) == 0.0
 
 
-def test_row_assignment_is_first_fit_decreasing_within_the_longest():
+def test_row_assignment_trades_padding_against_attention():
     lengths = [9, 3, 5, 4, 2, 6]
-    rows = fw._assign_rows(lengths, packing=True)
-    assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in row) <= max(lengths) for row in rows)
-    assert len(rows) == 4  # 9 | 6+3 | 5+4 | 2
+    for ratio in (0.0, 0.01, 1.0):
+        rows = fw._assign_rows(lengths, packing=True, attention_ratio=ratio)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+    # attention free: one row, no padding at all
+    assert fw._assign_rows(lengths, packing=True, attention_ratio=0.0) == [[0, 5, 2, 3, 1, 4]]
+    # attention dear: rows no wider than the longest unit, first-fit decreasing: 9 | 6+3 | 5+4 | 2
+    assert fw._assign_rows(lengths, packing=True, attention_ratio=1.0) == [[0], [5, 1], [2, 3], [4]]
     assert fw._assign_rows(lengths, packing=False) == [[i] for i in range(len(lengths))]
 
 
@@ -253,18 +257,13 @@ def test_padding_rows_never_produce_nan_gradients(tokenizer):
 # Chunked log-probs keep one chunk of logits
 
 
-def saved_bytes(fn) -> int:
-    """Bytes autograd keeps for the backward pass while ``fn`` runs."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
+def retained_bytes(fn) -> int:
+    """CPU memory allocated while ``fn`` runs and still held when it returns (what the backward
+    pass will need, plus the small outputs), from the profiler's allocation records."""
+    with torch.profiler.profile(profile_memory=True) as prof:
+        result = fn()
+    del result
+    return sum(event.self_cpu_memory_usage for event in prof.events())
 
 
 def test_chunked_scoring_matches_and_saves_no_logits():
@@ -277,15 +276,26 @@ def test_chunked_scoring_matches_and_saves_no_logits():
     for chunk in (0, 8):
         hidden.grad, head.weight.grad = None, None
         out = {}
-        kept = saved_bytes(lambda: out.update(zip(("logps", "entropy"), score_hidden(
+        kept = retained_bytes(lambda: out.update(zip(("logps", "entropy"), score_hidden(
             head, hidden, targets, with_entropy=True, chunk_size=chunk))))
         (out["logps"].sum() + 0.5 * out["entropy"].sum()).backward()
         results[chunk] = (kept, out["logps"].detach(), hidden.grad.clone(), head.weight.grad.clone())
     full_logits = tokens * vocab * 4
     assert results[0][0] >= full_logits  # unchunked: autograd holds the float32 logits
-    assert results[8][0] < full_logits / 4  # chunked: only the inputs of each chunk
+    assert results[8][0] < 2 * 8 * vocab * 4  # chunked: not even two chunks' worth of logits
     for a, b in zip(results[8][1:], results[0][1:]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_selective_recompute_keeps_less_and_restores_the_model(tokenizer):
+    model = sensitive_llama(tokenizer)
+    examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
+    kept = {}
+    for on in (False, True):
+        options = ForwardOptions(share_prompt=False, packing=False, logits_chunk_size=0, selective_recompute=on)
+        kept[on] = retained_bytes(lambda: preference_logps(model, examples, pad_token_id=pad, options=options))
+    assert kept[True] < 0.7 * kept[False]
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 # --------------------------------------------------------------------------------------------

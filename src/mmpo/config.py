@@ -99,6 +99,8 @@ class CommonConfig:
     """Pack several sequences per row instead of padding each (exact: attention and positions stay per sequence)."""
     logits_chunk_size: int = 256
     """Score completion tokens through the LM head this many at a time, never holding full-vocabulary logits (0: all at once)."""
+    selective_recompute: bool = True
+    """Keep only matmul/attention outputs for the backward pass and recompute norms and activations (exact, ~half the memory)."""
 
 
 @dataclass
