@@ -319,6 +319,13 @@ def loss_agreement(results: list[dict]) -> list[str]:
 
 
 def vs_trl(args) -> int:
+    import importlib.util
+
+    from mmpo.config import ConfigError
+
+    missing = [name for name in ("trl", "psutil") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"mmpo bench vs-trl needs {' and '.join(missing)}: pip install 'mmpo[bench]'")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmpo-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = bench_tokenizer()

@@ -122,6 +122,12 @@ def cmd_report(argv: list[str]) -> int:
     return command(argv, say=console.print)
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from mmpo.bench import main as bench_main
+
+    return bench_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "sft": (cmd_sft, "supervised fine-tuning on chat data"),
     "train": (cmd_train, "preference training: MMPO, DPO, SimPO and the ablations"),
@@ -129,6 +135,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "world": (cmd_world, "build the embedded offline world (tokenizer, tiny model, data)"),
     "sweep": (cmd_sweep, "a resumable grid of runs (objectives x beta x ablations x seeds), each checkpoint evaluated"),
     "report": (cmd_report, "Markdown/HTML report of a sweep: Pareto tables, plots, beta sensitivity, seeds"),
+    "bench": (cmd_bench, "speed and memory: our engine vs TRL side by side, cost vs lengths and batch size"),
 }
 
 
