@@ -201,6 +201,7 @@ def seed_means(points: list[CheckpointResult]) -> list[dict]:
     for (method, beta, epoch), group in group_by_setting(points).items():
         rows.append({"method": method, "beta": beta, "epoch": epoch,
                      "win_rate": _cell(p.win_rate for p in group), "lm_acc": _cell(p.lm_acc for p in group),
+                     "win_rate_raw": _cell(p.win_rate_raw for p in group),
                      "reward_accuracy": _cell(p.reward_accuracy for p in group),
                      "seeds": sorted({p.seed for p in group})})
     return rows
@@ -565,9 +566,11 @@ def markdown_report(results: SweepResults, figures: dict[str, Path | None], comm
         if figures.get("ablation"):
             lines += ["", f"![ablations]({figures['ablation'].name})"]
     lines += ["", "## Seed spread (final epoch)", ""]
-    lines += _table(["method", "β", "seeds", win_label, f"{win_label} min–max", "LM acc", "reward acc"],
+    raw_column = ["raw win-rate"] if results.length_controlled else []
+    lines += _table(["method", "β", "seeds", win_label, f"{win_label} min–max", *raw_column, "LM acc", "reward acc"],
                     [[r["method"], f"{r['beta']:g}", str(len(r["seeds"])), _pm(r["win_rate"]),
                       (f"{_num(min(r['win_rate'].values))}–{_num(max(r['win_rate'].values))}" if r["win_rate"] else "n/a"),
+                      *([_pm(r["win_rate_raw"])] if raw_column else []),
                       _pm(r["lm_acc"], 100, 2), _pm(r["reward_accuracy"], 100)] for r in seeds])
     if results.tuning:
         lines += ["", "## Hyper-parameter selection (validation reward accuracy, stage by stage)", ""]

@@ -36,7 +36,7 @@ in stages before it and selects by validation reward accuracy (the run's last ev
 objective (a block's own values win). Runs whose settings depend on an unfinished stage wait.
 
 Execution: ``run_sweep`` trains the ready runs in this process (``workers=1``) or as ``workers``
-subprocesses ``mmpo sweep run-one`` (one per GPU when there are GPUs). On a cluster,
+subprocesses ``mmpo sweep run-one`` (one per GPU when there are GPUs, else one thread each). On a cluster,
 ``write_plan`` lists one independent command per run (``commands.txt``); a SLURM job array or
 Ray runs them (``examples/slurm``, ``examples/ray``).
 """
@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -734,60 +734,62 @@ def _run_subprocess(run: PlannedRun, sweep_dir: Path, slot: int, workers: int, g
     return f"exit code {proc.returncode}; see {log_dir / (run.name + '.log')}"
 
 
-def _run_wave(runs: list[PlannedRun], sweep_dir: Path, workers: int, say) -> dict[str, str]:
-    failed: dict[str, str] = {}
-    if workers <= 1:
-        for run in runs:
-            say(f"[sweep] {run.name}")
-            try:
-                run_locked(run, sweep_dir, say)
-            except RunBusy as err:
-                failed[run.name] = str(err)
-            except Exception as err:  # one failing run must not stop the others
-                failed[run.name] = f"{type(err).__name__}: {err}"
-                log_event(sweep_dir, run.name, "failed", error=failed[run.name])
-                say(f"[sweep] {run.name} failed: {failed[run.name]}")
-        return failed
-
-    import queue
-
-    gpus = gpu_count()
-    slots: queue.Queue[int] = queue.Queue()
-    for slot in range(workers):
-        slots.put(slot)
-
-    def work(run: PlannedRun) -> None:
-        slot = slots.get()
-        try:
-            device = f" on GPU {slot % gpus}" if gpus else ""
-            say(f"[sweep] {run.name} (worker {slot}{device})")
-            problem = _run_subprocess(run, sweep_dir, slot, workers, gpus)
-            if problem:
-                failed[run.name] = problem
-                say(f"[sweep] {run.name} failed: {problem}")
-        finally:
-            slots.put(slot)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(work, runs))
-    return failed
+def _run_here(run: PlannedRun, sweep_dir: Path, say) -> str | None:
+    """Run in this process; the problem as text when it fails (one failing run must not stop the others)."""
+    say(f"sweep: {run.name}")
+    try:
+        run_locked(run, sweep_dir, say)
+    except RunBusy as err:
+        return str(err)
+    except Exception as err:
+        problem = f"{type(err).__name__}: {err}"
+        log_event(sweep_dir, run.name, "failed", error=problem)
+        say(f"sweep: {run.name} failed: {problem}")
+        return problem
+    return None
 
 
 def run_sweep(sweep: SweepConfig, *, sweep_dir: str | Path | None = None, workers: int = 1,
               say: Callable[[str], Any] = print) -> SweepOutcome:
-    """Run everything not yet done, in waves: baselines, then every ready run; re-plan after each
-    wave (a finished tuning stage makes the next stage's runs ready). Failed runs are reported,
-    not retried in the same call; calling again retries them."""
+    """Run everything not yet done: in this process (``workers=1``) or as ``workers`` subprocesses.
+
+    The plan is made again whenever a run ends, so a finished tuning stage makes the next stage's
+    runs ready at once. Entries run in plan order (the baseline evaluation first). Failed runs are
+    reported, not retried in the same call; calling again retries them.
+    """
     sweep_dir = Path(sweep_dir or sweep.output_dir)
     failed: dict[str, str] = {}
-    while True:
-        plan = make_plan(sweep, sweep_dir)
-        write_plan(plan, sweep)
-        todo = [r for r in plan.runs if r.name not in failed and run_status(r, sweep_dir) != "done"]
-        if not todo:
-            break
-        wave = [r for r in todo if r.kind == "baseline"] or todo
-        failed.update(_run_wave(wave, sweep_dir, workers, say))
+    gpus = gpu_count() if workers > 1 else 0
+    free_slots = list(range(workers))
+    running: dict[Future, tuple[str, int]] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        while True:
+            plan = make_plan(sweep, sweep_dir)
+            write_plan(plan, sweep)
+            busy = {name for name, _ in running.values()}
+            todo = [r for r in plan.runs if r.name not in failed and r.name not in busy
+                    and run_status(r, sweep_dir) != "done"]
+            if workers <= 1:
+                if not todo:
+                    break
+                problem = _run_here(todo[0], sweep_dir, say)
+                if problem:
+                    failed[todo[0].name] = problem
+                continue
+            for run in todo[: len(free_slots)]:
+                slot = free_slots.pop(0)
+                say(f"sweep: {run.name} (worker {slot}" + (f", GPU {slot % gpus})" if gpus else ")"))
+                running[pool.submit(_run_subprocess, run, sweep_dir, slot, workers, gpus)] = (run.name, slot)
+            if not running:
+                break
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name, slot = running.pop(future)
+                free_slots.append(slot)
+                problem = future.result()
+                if problem:
+                    failed[name] = problem
+                    say(f"sweep: {name} failed: {problem}")
     done = [r.name for r in plan.runs if run_status(r, sweep_dir) == "done"]
     return SweepOutcome(done, failed, plan.waiting)
 
