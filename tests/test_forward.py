@@ -244,6 +244,26 @@ def test_row_assignment_trades_padding_against_attention():
     assert fw._assign_rows(lengths, packing=False) == [[i] for i in range(len(lengths))]
 
 
+def test_length_grouped_order_cuts_padding_and_stays_a_shuffle():
+    import random
+
+    lengths = [random.Random(i).randint(10, 500) for i in range(400)]
+    batch = 8
+
+    def padding(order):
+        return sum(max(lengths[i] for i in order[s: s + batch]) * len(order[s: s + batch]) -
+                   sum(lengths[i] for i in order[s: s + batch]) for s in range(0, len(order), batch))
+
+    grouped = fw.length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
+    shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
+    assert sorted(grouped) == list(range(len(lengths)))
+    assert padding(grouped) < 0.2 * padding(shuffled)
+    assert grouped == fw.length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
+    assert grouped != fw.length_grouped_order(lengths, seed=0, epoch=1, batch_size=batch, group_batches=10)
+    firsts = [max(lengths[i] for i in grouped[s: s + batch]) for s in range(0, len(grouped), batch)]
+    assert firsts != sorted(firsts, reverse=True)  # batches are shuffled, not longest-first
+
+
 def test_padding_rows_never_produce_nan_gradients(tokenizer):
     model = sensitive_llama(tokenizer)
     examples = encode_pairs(tokenizer)[:2]

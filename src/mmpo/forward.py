@@ -5,16 +5,20 @@ builds the tensors, so the layout (padding, shared prompt, packing) is decided h
 else. ``preference_logps`` and ``sft_loss`` without ``options`` run the plain padded path: the
 reference every faster path must match (tests/test_forward.py checks log-probs and gradients).
 
-The fast paths (``ForwardOptions``, all exact, see docs/performance.md):
+The fast paths (``ForwardOptions``; all exact, all on by default; see docs/performance.md):
 
 * **shared prompt** - a pair is one sequence ``prompt + chosen + rejected``; a 4D attention mask
   hides the chosen tokens from the rejected ones and position ids restart after the prompt, so
   the prompt is computed once and the rejected tokens see exactly what they would see alone.
-* **packing** - several sequences (or pairs) share a row, block-diagonal mask and per-sequence
-  positions, instead of one padded row each.
+* **packing** - several sequences (or pairs) share a row, with a block-diagonal mask and
+  per-sequence positions. Rows are filled first-fit decreasing at the width that minimizes an
+  estimate of padding plus (quadratic, dense-masked) attention cost.
 * **chunked log-probs** - only the positions that predict a completion token go through the LM
   head, a chunk at a time under activation checkpointing, so ``[tokens, vocab]`` float32 logits
   exist for one chunk only, in the forward and in the backward pass.
+* **selective recompute** - each decoder layer keeps only its matmul and attention outputs for
+  the backward pass; norms, RoPE and activations are replayed from them (torch's selective
+  activation checkpointing).
 
 A layout that needs a 4D mask is used only with attention kernels that honour one (``sdpa``,
 ``eager``) and after a one-time probe on the model shows it matches the padded path; otherwise
@@ -158,6 +162,29 @@ def _padded_sft_loss(model, examples, *, pad_token_id) -> tuple[torch.Tensor, in
     num_targets = int(mask.sum())
     loss = -(token_logps * mask).sum() / max(num_targets, 1)
     return loss, num_targets, int(lengths.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+
+
+def length_grouped_order(lengths: list[int], *, seed: int, epoch: int, batch_size: int,
+                         group_batches: int = 50) -> list[int]:
+    """A shuffled epoch order in which each run of ``batch_size`` examples has similar lengths.
+
+    For the padded path: shuffle, cut into groups of ``group_batches`` batches, sort each group
+    by length (longest first), cut it into batches and shuffle the batches - the scheme of
+    transformers' ``LengthGroupedSampler``. Padding shrinks; batches stay random. It changes which
+    examples share a batch, so it is not exact; packing makes it unnecessary.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    span = batch_size * group_batches
+    batches = []
+    for start in range(0, len(order), span):
+        group = sorted(order[start: start + span], key=lambda i: -lengths[i])
+        batches += [group[i: i + batch_size] for i in range(0, len(group), batch_size)]
+    return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
 
 
 # --------------------------------------------------------------------------------------------
