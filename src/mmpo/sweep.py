@@ -498,7 +498,7 @@ def make_plan(sweep: SweepConfig, sweep_dir: str | Path | None = None, *, provis
             name = f"baseline-{i}"
             baselines.append(PlannedRun(name, None, [{"kind": "baseline", "model": model}], True,
                                         to_dict(settings), kind="baseline", model=model))
-        runs = baselines + runs
+        runs = runs + baselines  # last: the list only grows as tuning ends (stable array indices)
     return Plan(sweep_dir, runs, builder.waiting, records)
 
 
@@ -754,7 +754,7 @@ def run_sweep(sweep: SweepConfig, *, sweep_dir: str | Path | None = None, worker
     """Run everything not yet done: in this process (``workers=1``) or as ``workers`` subprocesses.
 
     The plan is made again whenever a run ends, so a finished tuning stage makes the next stage's
-    runs ready at once. Entries run in plan order (the baseline evaluation first). Failed runs are
+    runs ready at once. Entries run in plan order. Failed runs are
     reported, not retried in the same call; calling again retries them.
     """
     sweep_dir = Path(sweep_dir or sweep.output_dir)
