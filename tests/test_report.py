@@ -59,6 +59,8 @@ def make_sweep(root: Path, *, seed: int = 0, length_controlled: bool = True) -> 
                         results["rewards"] = {"reward_accuracy": rng.random()}
                     (ckpt / "eval" / "results.json").write_text(json.dumps(results))
     (root / "plan.json").write_text(json.dumps({"name": "synthetic", "runs": runs, "waiting": []}))
+    (root / "events.jsonl").write_text(json.dumps({"time": 1000.0, "event": "train_start"}) + "\n"
+                                       + json.dumps({"time": 1000.0 + 42 * 60, "event": "eval_done"}) + "\n")
     (root / "baselines" / "baseline-0").mkdir(parents=True)
     (root / "baselines" / "baseline-0" / "results.json").write_text(json.dumps({"harness": {"average_acc": 0.4}}))
     (root / "tuning.json").write_text(json.dumps([{"stage": 1, "objective": "mmpo", "keys": ["learning_rate"],
@@ -179,6 +181,7 @@ def test_report_files_figures_and_html(sweep, tmp_path):
         assert f"]({name})" in report.read_text()
     text = report.read_text()
     assert text.index("mmpo sweep --config x.yaml") < text.index("## Table 1") and "A *note*." in text
+    assert "Sweep wall time: 42 min" in text
     html = (out / "report.html").read_text()
     assert "<table>" in html and '<img src="winrate_vs_lm_accuracy.png"' in html and "<em>note</em>" in html
     rows = (out / "checkpoints.csv").read_text().splitlines()

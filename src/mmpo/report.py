@@ -81,6 +81,7 @@ class SweepResults:
     tuning: list[dict]
     length_controlled: bool
     missing: list[str]
+    wall_minutes: float | None = None  # first to last event of events.jsonl
 
 
 def _read_json(path: Path) -> Any:
@@ -156,8 +157,10 @@ def collect(sweep_dir: str | Path) -> SweepResults:
                      for p in sorted((sweep_dir / "baselines").glob("*/results.json"))]
     baseline_accs = [a for a in baseline_accs if a is not None]
     tuning = _read_json(sweep_dir / "tuning.json") or []
+    times = [r["time"] for r in read_metrics(sweep_dir / "events.jsonl") if "time" in r]
+    wall = (max(times) - min(times)) / 60 if len(times) > 1 else None
     return SweepResults(sweep_dir, plan.get("name", sweep_dir.name), checkpoints, curves,
-                        baseline_accs[0] if baseline_accs else None, tuning, length_controlled, missing)
+                        baseline_accs[0] if baseline_accs else None, tuning, length_controlled, missing, wall)
 
 
 # --------------------------------------------------------------------------------------------
@@ -527,6 +530,9 @@ def markdown_report(results: SweepResults, figures: dict[str, Path | None], comm
               + " Values are means over seeds (± standard deviation when there are several)."]
     if results.baseline_lm_acc is not None:
         lines.append(f"The SFT model's LM accuracy: {_num(results.baseline_lm_acc, 100, 2)}%.")
+    if results.wall_minutes is not None:
+        lines.append(f"Sweep wall time: {results.wall_minutes:.0f} min (first to last entry of `events.jsonl`, "
+                     "training and evaluation; a pause between a kill and its resume counts too).")
     if results.missing:
         lines.append(f"Runs without evaluated checkpoints yet: {', '.join(results.missing)}.")
     lines.append("")
