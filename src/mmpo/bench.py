@@ -155,6 +155,7 @@ def run_trl(spec: Spec) -> dict:
                   gradient_accumulation_steps=1, max_steps=spec.warmup + spec.steps, learning_rate=spec.learning_rate,
                   lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
                   gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
+                  bf16=False,  # TRL defaults to bf16 autocast, which this comparison (fp32, like ours) must not use
                   disable_tqdm=True, seed=spec.seed, use_cpu=True, train_sampling_strategy="sequential",
                   dataloader_num_workers=0, max_length=None if spec.run == "trl-dpo" else 4096)
     if spec.run == "trl-dpo":
