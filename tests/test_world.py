@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from mmpo.world.build import DEFAULT_OUT, choice_accuracy, generate_world_data, read_jsonl, tokenize_sft
+from mmpo.world.build import DEFAULT_OUT, choice_accuracy, generate_world_data, generation_quality, read_jsonl
 from mmpo.world.tasks import (
     FACT_TASK, WORD_TASKS, WorldSizes, generate_rows, grade, judge_pair, make_example, near_miss,
 )
@@ -93,12 +93,15 @@ def test_judge_pair_follows_grades_both_ways():
 def test_examples_have_checkable_answers_and_bad_tasks_fail_clearly():
     rng = random.Random(0)
     assert make_example(rng, "plural", ["banop"])["answer"] == "banops"
-    assert make_example(rng, "last_letter", ["banop"])["answer"] == "p"
-    assert make_example(rng, "longer", ["banop", "zorbatemi"])["answer"] == "zorbatemi"
+    assert make_example(rng, "first_letter", ["banop"])["answer"] == "b"
+    repeat = make_example(rng, "repeat", ["banop"])
+    assert repeat == {"task": "repeat", "instruction": 'Repeat the word "banop".', "answer": "banop",
+                      "words": ["banop"]}
+    assert make_example(rng, FACT_TASK, ["zorba"], {"zorba": "red"})["answer"] == "red"
     with pytest.raises(ValueError, match="unknown task 'spell'"):
         make_example(rng, "spell", ["banop"])
-    with pytest.raises(ValueError, match="different lengths"):
-        make_example(rng, "longer", ["banop", "zorba"])
+    with pytest.raises(ValueError, match="no fact known about 'banop'"):
+        make_example(rng, FACT_TASK, ["banop"], {"zorba": "red"})
     miss = near_miss(rng, "banopi")
     assert miss != "banopi" and not "banopi".startswith(miss) and not miss.startswith("banopi")
 
@@ -113,16 +116,6 @@ def test_multiple_choice_tasks_are_well_formed():
             # no choice is a prefix of another, so scoring without an end token is fair
             assert not any(a != b and b.startswith(a) for a in choices for b in choices), row
     assert {r["gold"] for r in rows["tasks/world_copy"]} == set(range(SMALL.mc_choices))
-
-
-def test_sft_labels_cover_only_the_assistant_answer(tokenizer):
-    row = {"messages": [{"role": "user", "content": "Repeat the word banop."},
-                        {"role": "assistant", "content": "banop"}]}
-    (example,) = tokenize_sft(tokenizer, [row])
-    supervised = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
-    assert tokenizer.decode(supervised) == "banop<|end|>"
-    assert example["labels"][: len(example["labels"]) - len(supervised)] == [-100] * (
-        len(example["labels"]) - len(supervised))
 
 
 # ----------------------------------------------------------------------------- shipped assets
@@ -155,3 +148,17 @@ def test_shipped_model_loads_and_matches_its_recorded_retention(world_info):
         accuracy = choice_accuracy(model, tokenizer, rows)
         assert accuracy > 0.5, (name, accuracy)  # 4 choices: chance is 0.25
     assert world_info["sft_quality"]["retention"]["world_facts"] > 0.5
+
+
+def test_shipped_model_reproduces_its_recorded_answer_quality_with_headroom(world_info):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_OUT / "sft_model")
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_OUT / "sft_model")
+    quality = generation_quality(model, tokenizer, read_jsonl(DEFAULT_OUT / "data/prompts_eval.jsonl"))
+    recorded = world_info["sft_quality"]["generation"]
+    # Greedy decoding is deterministic; the slack covers near-ties that float order may flip.
+    assert quality["concise_correct"] == pytest.approx(recorded["concise_correct"], abs=0.03)
+    assert quality["contains_answer"] == pytest.approx(recorded["contains_answer"], abs=0.03)
+    # Competent (answers are often correct) yet with clear headroom for preference training.
+    assert 0.15 < quality["concise_correct"] < 0.5 and quality["contains_answer"] > 0.1

@@ -19,12 +19,12 @@ import torch
 
 from mmpo.world import ASSETS
 from mmpo.world.model import build_tiny_llama
-from mmpo.world.tasks import WORD_TASKS, WorldSizes, generate_rows, grade
+from mmpo.world.tasks import REJECTED_STYLE_WEIGHTS, SFT_STYLE_WEIGHTS, WORD_TASKS, WorldSizes, generate_rows, grade
 from mmpo.world.tokenizer import train_tokenizer
 
 DEFAULT_OUT = ASSETS
 TOKENIZER_VOCAB = 600
-SFT_STEPS = 2000
+SFT_STEPS = 1500
 # Two layers learn to copy sooner (in SFT steps) than four, at half the cost per step.
 MODEL_SHAPE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 384, "max_positions": 128}
 
@@ -57,7 +57,7 @@ def generate_world_data(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, sizes:
 # ----------------------------------------------------------------------------- SFT
 
 
-def run_sft(model, tokenizer, sft_file: Path, *, steps: int, lr: float, batch_size: int, seed: int,
+def run_sft(model, tokenizer, sft_file: Path, val_file: Path, *, steps: int, lr: float, batch_size: int, seed: int,
             run_dir: Path) -> tuple[torch.nn.Module, dict]:
     """SFT ``model`` on ``sft_file`` with the project engine; returns the trained model and stats."""
     from transformers import AutoModelForCausalLM
@@ -67,15 +67,17 @@ def run_sft(model, tokenizer, sft_file: Path, *, steps: int, lr: float, batch_si
 
     steps_per_epoch = len(read_jsonl(sft_file)) // batch_size
     cfg = SFTConfig(
-        model="(built in memory)", dataset=(str(sft_file),), eval_dataset=(), output_dir=str(run_dir), seed=seed,
+        model="(built in memory)", dataset=(str(sft_file),), eval_dataset=(str(val_file),), output_dir=str(run_dir), seed=seed,
         epochs=math.ceil(steps / steps_per_epoch), max_steps=steps, learning_rate=lr,
         per_device_batch_size=batch_size, warmup_ratio=0.1, logging_steps=50, progress=True,
     )
     started = time.monotonic()
     result = sft(cfg, model=model, tokenizer=tokenizer)
     losses = [r["loss"] for r in result.metrics if "loss" in r]
+    eval_losses = [r["eval_loss"] for r in result.metrics if "eval_loss" in r]
     stats = {"steps": result.global_step, "seconds": round(time.monotonic() - started, 1),
-             "final_loss": round(losses[-1], 4) if losses else None}
+             "final_loss": round(losses[-1], 4), "eval_loss_before": round(eval_losses[0], 4),
+             "eval_loss_after": round(eval_losses[-1], 4)}
     return AutoModelForCausalLM.from_pretrained(result.summary["final_checkpoint"]), stats
 
 
@@ -157,7 +159,7 @@ def measure(model, tokenizer, out_dir: Path) -> dict:
 
 
 def build_world(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, *, sizes: WorldSizes = WorldSizes(),
-                sft_steps: int = SFT_STEPS, sft_lr: float = 1e-3, sft_batch_size: int = 16,
+                sft_steps: int = SFT_STEPS, sft_lr: float = 1e-3, sft_batch_size: int = 32,
                 vocab_size: int = TOKENIZER_VOCAB) -> dict:
     """Generate the data, train tokenizer and tiny Llama (SFT), measure, and write ``world.json``."""
     out_dir = Path(out_dir)
@@ -171,7 +173,7 @@ def build_world(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, *, sizes: Worl
 
     model = build_tiny_llama(tokenizer, seed=seed, **MODEL_SHAPE)
     with tempfile.TemporaryDirectory(prefix="mmpo-world-sft-") as run_dir:
-        model, sft_stats = run_sft(model, tokenizer, sft_file, steps=sft_steps, lr=sft_lr,
+        model, sft_stats = run_sft(model, tokenizer, sft_file, out_dir / "data/sft_val.jsonl", steps=sft_steps, lr=sft_lr,
                                    batch_size=sft_batch_size, seed=seed, run_dir=Path(run_dir))
     model.save_pretrained(out_dir / "sft_model")
     tokenizer.save_pretrained(out_dir / "sft_model")
@@ -179,6 +181,7 @@ def build_world(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, *, sizes: Worl
     info = {
         "seed": seed,
         "sizes": counts,
+        "tasks": list(WORD_TASKS), "sft_styles": SFT_STYLE_WEIGHTS, "rejected_styles": REJECTED_STYLE_WEIGHTS,
         "tokenizer": {"vocab_size": len(tokenizer)},
         "model": {**MODEL_SHAPE, "parameters": sum(p.numel() for p in model.parameters())},
         "sft": {"lr": sft_lr, "batch_size": sft_batch_size, **sft_stats},
@@ -194,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the embedded mmpo world (data, tokenizer, SFT model).")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-epochs", type=int, default=8)
+    parser.add_argument("--sft-steps", type=int, default=SFT_STEPS)
     parser.add_argument("--data-only", action="store_true", help="write the data files only (no training)")
     args = parser.parse_args(argv)
     if args.data_only:
