@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from mmpo.world.build import DEFAULT_OUT, choice_accuracy, generate_world_data, generation_quality, read_jsonl
+from mmpo.world.build import DEFAULT_OUT, build_world, choice_accuracy, generate_world_data, generation_quality, read_jsonl
 from mmpo.world.tasks import (
     FACT_TASK, WORD_TASKS, WorldSizes, generate_rows, grade, judge_pair, make_example, near_miss,
 )
@@ -116,6 +116,24 @@ def test_multiple_choice_tasks_are_well_formed():
             # no choice is a prefix of another, so scoring without an end token is fair
             assert not any(a != b and b.startswith(a) for a in choices for b in choices), row
     assert {r["gold"] for r in rows["tasks/world_copy"]} == set(range(SMALL.mc_choices))
+
+
+def test_build_world_end_to_end_on_a_small_world(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info = build_world(tmp_path, seed=5, sizes=SMALL, sft_epochs=1, vocab_size=400)
+    saved = json.loads((tmp_path / "world.json").read_text())
+    assert saved == info
+    assert info["sizes"]["data/sft_train"] == SMALL.sft_train
+    assert info["sft"]["steps"] == SMALL.sft_train // 32
+    assert info["sft"]["eval_loss_after"] < info["sft"]["eval_loss_before"]
+    quality = info["sft_quality"]
+    assert 0 <= quality["generation"]["concise_correct"] <= 1
+    assert set(quality["generation"]["per_task"]) == set(WORD_TASKS)
+    assert set(quality["retention"]) == {"world_facts", "world_copy"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "sft_model")
+    assert model.num_parameters() == info["model"]["parameters"]
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "tokenizer")) == 400
 
 
 # ----------------------------------------------------------------------------- shipped assets
