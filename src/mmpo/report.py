@@ -335,7 +335,7 @@ def _scatter(ax, rows: list[dict], method: str, color: str, baseline_acc: float 
 
 
 def scatter_figure(points: list[CheckpointResult], methods: list[str], path: Path, baseline_acc: float | None,
-                   title: str, colors: dict[str, str]) -> Path | None:
+                   title: str, colors: dict[str, str], win_label: str = "win-rate") -> Path | None:
     """Win-rate (x) vs LM accuracy (y), one panel per method: one colour per method, one marker
     per beta, a beta's epochs connected (each point's epoch written next to it)."""
     rows = [r for r in seed_means([p for p in points if p.method in methods])]
@@ -347,7 +347,7 @@ def scatter_figure(points: list[CheckpointResult], methods: list[str], path: Pat
     for ax, method in zip(axes[0], methods):
         _scatter(ax, rows, method, colors[method], baseline_acc, label_betas=True)
         ax.set_title(method, color=colors[method])
-        ax.set_xlabel("win-rate vs SFT (%)")
+        ax.set_xlabel(f"{win_label} vs SFT (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     axes[0][0].set_ylabel("LM accuracy (%)")
@@ -359,7 +359,7 @@ def scatter_figure(points: list[CheckpointResult], methods: list[str], path: Pat
 
 
 def ablation_figure(points: list[CheckpointResult], path: Path, baseline_acc: float | None,
-                    colors: dict[str, str]) -> Path | None:
+                    colors: dict[str, str], win_label: str = "win-rate") -> Path | None:
     rows = ablation_rows(points)
     if not rows:
         return None
@@ -380,7 +380,7 @@ def ablation_figure(points: list[CheckpointResult], path: Path, baseline_acc: fl
                 ax.annotate(f"{r['epoch']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if baseline_acc is not None:
         ax.scatter([50.0], [baseline_acc * 100], marker="*", color="black", s=90, label="SFT model", zorder=4)
-    ax.set_xlabel("win-rate vs SFT (%)")
+    ax.set_xlabel(f"{win_label} vs SFT (%)")
     ax.set_ylabel("LM accuracy (%)")
     ax.set_title("ablations: epochs connected (numbers = epoch)", fontsize=9)
     ax.grid(alpha=0.3)
@@ -401,7 +401,7 @@ def ablation_figure(points: list[CheckpointResult], path: Path, baseline_acc: fl
     bars.set_xticks(range(len(methods)))
     bars.set_xticklabels(methods, rotation=20, ha="right", fontsize=7)
     bars.set_ylabel("% (final epoch)")
-    bars.set_title("final epoch: win-rate (solid) and LM accuracy (hatched)", fontsize=9)
+    bars.set_title(f"final epoch: {win_label} (solid) and LM accuracy (hatched)", fontsize=9)
     bars.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -409,7 +409,8 @@ def ablation_figure(points: list[CheckpointResult], path: Path, baseline_acc: fl
     return path
 
 
-def sensitivity_figure(points: list[CheckpointResult], path: Path, colors: dict[str, str]) -> Path | None:
+def sensitivity_figure(points: list[CheckpointResult], path: Path, colors: dict[str, str],
+                       win_label: str = "win-rate") -> Path | None:
     """Final-epoch win-rate, LM accuracy and validation reward accuracy against beta (log axis),
     seed mean with a bar of one standard deviation over seeds."""
     methods = multi_beta_methods(points)
@@ -417,7 +418,7 @@ def sensitivity_figure(points: list[CheckpointResult], path: Path, colors: dict[
     if not rows:
         return None
     plt = _pyplot()
-    panels = (("win_rate", "win-rate vs SFT (%)", 1.0), ("lm_acc", "LM accuracy (%)", 100.0),
+    panels = (("win_rate", f"{win_label} vs SFT (%)", 1.0), ("lm_acc", "LM accuracy (%)", 100.0),
               ("reward_accuracy", "validation reward accuracy (%)", 100.0))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (key, label, scale) in zip(axes, panels):
@@ -549,6 +550,8 @@ def markdown_report(results: SweepResults, figures: dict[str, Path | None], comm
                     [[r["method"], _num(r["win_rate"]), _num(r["lm_acc"], 100, 2) + (f" ± {_num(r['lm_acc_std'], 100, 2)}"
                       if r["lm_acc_std"] is not None else ""), f"{r['beta']:g}", f"{r['epoch']:g}", str(r["seeds"])]
                      for r in tables["peak_win_rate"]])
+    lines += ["", "Peaks are taken over the seed means of every (β, epoch); a tie goes to the smallest β, then the "
+              "earliest epoch. ± is the standard deviation over seeds at that setting."]
     if figures.get("scatter"):
         lines += ["", "## Win-rate vs LM accuracy per β and epoch", "",
                   f"![win-rate vs LM accuracy]({figures['scatter'].name})"]
@@ -631,11 +634,13 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, co
     points = results.checkpoints
     mains = main_methods(points)
     colors = method_colors(points)
+    win_label = "LC win-rate" if results.length_controlled else "win-rate"
     figures = {
         "scatter": scatter_figure(points, mains, out / "winrate_vs_lm_accuracy.png", results.baseline_lm_acc,
-                                  "seed means; markers = β, lines join a β's epochs (numbers = epoch)", colors),
-        "sensitivity": sensitivity_figure(points, out / "beta_sensitivity.png", colors),
-        "ablation": ablation_figure(points, out / "ablations.png", results.baseline_lm_acc, colors),
+                                  "seed means; markers = β, lines join a β's epochs (numbers = epoch)", colors,
+                                  win_label),
+        "sensitivity": sensitivity_figure(points, out / "beta_sensitivity.png", colors, win_label),
+        "ablation": ablation_figure(points, out / "ablations.png", results.baseline_lm_acc, colors, win_label),
         "curves": curves_figure(results.curves, out / "training_curves.png"),
     }
     text, data = markdown_report(results, figures, command, notes)
