@@ -132,9 +132,13 @@ def test_pareto_tables_equal_the_result_files(sweep, tmp_path):
         # The Markdown shows the same numbers, rounded.
         assert row1[1] == f"{seed_mean(points, method, *best_acc, 'acc') * 100:.2f}"
         assert row1[2].split(" ± ")[0] == f"{seed_mean(points, method, *best_acc, 'win'):.1f}"
-        assert row1[3:5] == [f"{best_acc[0]:g}", f"{best_acc[1]:g}"]
+        assert row1[4:6] == [f"{best_acc[0]:g}", f"{best_acc[1]:g}"]
+        raw = statistics.fmean(json.loads(Path(p).read_text())["winrate"]["win_rate"] for p in
+                               [c.results_file for c in collect(sweep).checkpoints
+                                if (c.method, c.beta, c.epoch) == (method, *best_acc)])
+        assert row1[3] == f"{raw:.1f}"
         assert row2[1] == f"{seed_mean(points, method, *best_win, 'win'):.1f}"
-        assert row2[2].split(" ± ")[0] == f"{seed_mean(points, method, *best_win, 'acc') * 100:.2f}"
+        assert row2[3].split(" ± ")[0] == f"{seed_mean(points, method, *best_win, 'acc') * 100:.2f}"
     assert "LC win-rate" in text and "The SFT model's LM accuracy: 40.00%" in text
 
 
@@ -176,7 +180,8 @@ def test_sensitivity_seed_spread_and_ablation_numbers(sweep, tmp_path):
 def test_report_files_figures_and_html(sweep, tmp_path):
     report = write_report(sweep, tmp_path / "out", command="mmpo sweep --config x.yaml", notes="A *note*.")
     out = report.parent
-    for name in ("winrate_vs_lm_accuracy.png", "beta_sensitivity.png", "ablations.png", "training_curves.png"):
+    for name in ("winrate_vs_lm_accuracy.png", "raw_winrate_vs_lm_accuracy.png", "beta_sensitivity.png",
+                 "ablations.png", "training_curves.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in report.read_text()
     text = report.read_text()

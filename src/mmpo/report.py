@@ -21,7 +21,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,7 @@ def pareto_tables(points: list[CheckpointResult]) -> dict[str, list[dict]]:
                                   key: best[key].mean, f"{key}_std": best[key].std,
                                   other: best[other].mean if best[other] else None,
                                   f"{other}_std": best[other].std if best[other] else None,
+                                  "win_rate_raw": best["win_rate_raw"].mean if best["win_rate_raw"] else None,
                                   "seeds": len(best["seeds"])})
     return tables
 
@@ -541,20 +542,25 @@ def markdown_report(results: SweepResults, figures: dict[str, Path | None], comm
         lines += [notes.strip(), ""]
 
     lines += ["## Table 1: win-rate at the checkpoint of peak LM accuracy (over all β and epochs)", ""]
-    lines += _table(["method", "peak LM acc", win_label, "β", "epoch", "seeds"],
+    raw = ["raw win-rate"] if results.length_controlled else []
+    lines += _table(["method", "peak LM acc", win_label, *raw, "β", "epoch", "seeds"],
                     [[r["method"], _num(r["lm_acc"], 100, 2), _num(r["win_rate"]) + (f" ± {_num(r['win_rate_std'])}"
-                      if r["win_rate_std"] is not None else ""), f"{r['beta']:g}", f"{r['epoch']:g}", str(r["seeds"])]
+                      if r["win_rate_std"] is not None else ""), *([_num(r["win_rate_raw"])] if raw else []),
+                      f"{r['beta']:g}", f"{r['epoch']:g}", str(r["seeds"])]
                      for r in tables["peak_lm_acc"]])
     lines += ["", "## Table 2: LM accuracy at the checkpoint of peak win-rate (over all β and epochs)", ""]
-    lines += _table(["method", f"peak {win_label}", "LM acc", "β", "epoch", "seeds"],
-                    [[r["method"], _num(r["win_rate"]), _num(r["lm_acc"], 100, 2) + (f" ± {_num(r['lm_acc_std'], 100, 2)}"
-                      if r["lm_acc_std"] is not None else ""), f"{r['beta']:g}", f"{r['epoch']:g}", str(r["seeds"])]
+    lines += _table(["method", f"peak {win_label}", *raw, "LM acc", "β", "epoch", "seeds"],
+                    [[r["method"], _num(r["win_rate"]), *([_num(r["win_rate_raw"])] if raw else []),
+                      _num(r["lm_acc"], 100, 2) + (f" ± {_num(r['lm_acc_std'], 100, 2)}" if r["lm_acc_std"] is not None
+                                                   else ""), f"{r['beta']:g}", f"{r['epoch']:g}", str(r["seeds"])]
                      for r in tables["peak_win_rate"]])
     lines += ["", "Peaks are taken over the seed means of every (β, epoch); a tie goes to the smallest β, then the "
               "earliest epoch. ± is the standard deviation over seeds at that setting."]
     if figures.get("scatter"):
         lines += ["", "## Win-rate vs LM accuracy per β and epoch", "",
                   f"![win-rate vs LM accuracy]({figures['scatter'].name})"]
+        if figures.get("scatter_raw"):
+            lines += ["", f"The same with the raw win-rate: ![raw win-rate vs LM accuracy]({figures['scatter_raw'].name})"]
     lines += ["", "## β sensitivity", "",
               "Spread = max − min over β of the seed-mean value; seed std = the mean over β of the standard "
               "deviation across seeds (the noise floor a spread should be compared with).", ""]
@@ -643,6 +649,11 @@ def write_report(sweep_dir: str | Path, out_dir: str | Path | None = None, *, co
         "ablation": ablation_figure(points, out / "ablations.png", results.baseline_lm_acc, colors, win_label),
         "curves": curves_figure(results.curves, out / "training_curves.png"),
     }
+    if results.length_controlled:  # the raw win-rate too: length control can remove a real effect
+        raw_points = [replace(p, win_rate=p.win_rate_raw) for p in points]
+        figures["scatter_raw"] = scatter_figure(raw_points, mains, out / "raw_winrate_vs_lm_accuracy.png",
+                                                results.baseline_lm_acc, "as above, raw win-rate", colors,
+                                                "raw win-rate")
     text, data = markdown_report(results, figures, command, notes)
     (out / "report.md").write_text(text)
     (out / "report.json").write_text(json.dumps(data, indent=1))
