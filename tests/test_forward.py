@@ -30,6 +30,7 @@ FAST_OPTIONS = {
     "shared-prompt": ForwardOptions(share_prompt=True, packing=False, logits_chunk_size=0),
     "packed": ForwardOptions(share_prompt=False, packing=True, logits_chunk_size=5),
     "shared+packed+chunked": ForwardOptions(share_prompt=True, packing=True, logits_chunk_size=4),
+    "dense-mask": ForwardOptions(share_prompt=True, packing=True, segmented_attention=False, logits_chunk_size=4),
 }
 PAIRS = [  # (prompt, chosen, rejected): different lengths, so rows pad, pack and pair up differently
     ("What is the first letter of zorbat?", "It is z.", "I am not sure about that, sorry."),
@@ -196,7 +197,7 @@ def test_a_wrong_mask_is_caught(tokenizer, monkeypatch):
     want = preference_logps(model, examples, pad_token_id=pad)
     correct_mask = fw._block_mask
     monkeypatch.setattr(fw, "_block_mask", lambda segment, branch, kind: correct_mask(segment, branch * 0, kind))
-    got = fw._fast_preference_logps(model, examples, FAST_OPTIONS["shared-prompt"], pad_token_id=pad,
+    got = fw._fast_preference_logps(model, examples, FAST_OPTIONS["shared-prompt"], "mask", pad_token_id=pad,
                                     compute_entropy=False, length_normalize=False)
     torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)  # chosen unaffected
     assert float((got.rejected_logps - want.rejected_logps).detach().abs().max()) > 1e-2
@@ -209,7 +210,7 @@ def test_a_wrong_mask_is_caught(tokenizer, monkeypatch):
 def test_shared_prompt_layout_positions_and_visibility():
     # prompt [11, 12], chosen [21, 22], rejected [31]
     unit = fw._shared_prompt_unit([11, 12], [21, 22], [31], pair=0, num_pairs=1)
-    layout = fw._build_layout([unit], [[0]], pad_token_id=0, device="cpu", mask_kind="bool")
+    layout = fw._build_layout([unit], [[0]], pad_token_id=0, device="cpu", mask_kind="bool", segmented=False)
     assert layout.input_ids.tolist() == [[11, 12, 21, 22, 31]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
     sees = layout.attention_mask[0, 0].int().tolist()
@@ -343,11 +344,15 @@ def test_model_that_rejects_4d_masks_falls_back_with_one_warning(tokenizer):
         preference_logps(model, examples, pad_token_id=pad, options=ForwardOptions())
 
 
-def test_model_that_ignores_4d_masks_is_detected_by_the_probe(tokenizer):
+def test_model_that_ignores_our_masks_and_plans_is_detected_by_the_probe(tokenizer):
     model = sensitive_llama(tokenizer)
     original = model.forward
-    model.forward = lambda *a, attention_mask=None, **kw: original(
-        *a, attention_mask=None if attention_mask is not None and attention_mask.dim() == 4 else attention_mask, **kw)
+
+    def ignoring(*args, attention_mask=None, mmpo_attention_plan=None, **kwargs):
+        keep = attention_mask is not None and attention_mask.dim() == 2
+        return original(*args, attention_mask=attention_mask if keep else None, **kwargs)
+
+    model.forward = ignoring
     examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
     fw._warned.clear()
     with pytest.warns(RuntimeWarning, match="differ from the padded path"):
@@ -355,9 +360,39 @@ def test_model_that_ignores_4d_masks_is_detected_by_the_probe(tokenizer):
     assert_logps_close(got, preference_logps(model, examples, pad_token_id=pad))
 
 
-def test_kernels_without_custom_masks_are_refused(tokenizer):
-    model = sensitive_llama(tokenizer)
-    model.config._attn_implementation = "flash_attention_2"
+def test_attention_mode_per_kernel(tokenizer):
+    model = sensitive_llama(tokenizer, "sdpa")
+    pad = tokenizer.pad_token_id
+    assert fw._choose_attention(model, ForwardOptions(), pad, 50) == "segmented"
+    assert fw._choose_attention(model, ForwardOptions(segmented_attention=False), pad, 50) == "mask"
+    assert fw._choose_attention(model, ForwardOptions(share_prompt=False, packing=False), pad, 50) == "padded"
+    assert fw._choose_attention(sensitive_llama(tokenizer, "eager"), ForwardOptions(), pad, 50) == "mask"
+    model.config._attn_implementation = "flash_attention_2"  # decided before the model runs
     fw._warned.clear()
     with pytest.warns(RuntimeWarning, match="cannot take the shared-prompt"):
-        assert not fw._mask_layouts_exact(model, ForwardOptions(), tokenizer.pad_token_id)
+        assert fw._choose_attention(model, ForwardOptions(), pad, 50) == "padded"
+
+
+def test_segmented_attention_equals_dense_masked_attention():
+    """Per-block sdpa calls give what one sdpa call with the dense 4D mask gives, padding aside."""
+    units = [fw._shared_prompt_unit([1, 2, 3], [4, 5], [6, 7, 8, 9], 0, 3),
+             fw._sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
+             fw._shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3)]
+    rows = [[0, 2], [1]]
+    segmented = fw._build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=True)
+    dense = fw._build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=False)
+    assert torch.equal(segmented.position_ids, dense.position_ids)
+    torch.manual_seed(0)
+    width = dense.input_ids.shape[1]
+    query = torch.randn(2, 4, width, 8, dtype=torch.float64, requires_grad=True)
+    key, value = torch.randn(2, 2, width, 8, dtype=torch.float64), torch.randn(2, 2, width, 8, dtype=torch.float64)
+    fw._install_segmented_attention()
+    got, _ = fw._sdpa_or_segmented(None, query, key, value, segmented.attention_mask, scaling=0.3,
+                                   mmpo_attention_plan=segmented.plan)
+    want = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense.attention_mask,
+                                                            scale=0.3, enable_gqa=True).transpose(1, 2)
+    real = dense.input_ids != 0
+    torch.testing.assert_close(got[real], want[real])
+    (grad_got,) = torch.autograd.grad(got[real].sum(), query)
+    (grad_want,) = torch.autograd.grad(want[real].sum(), query)
+    torch.testing.assert_close(grad_got, grad_want)

@@ -151,7 +151,7 @@ def run_trl(spec: Spec) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(spec.model_dir)
     rss_start = current_rss()
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    common = dict(output_dir=str(Path(spec.workdir) / spec.run), per_device_train_batch_size=spec.batch,
+    common = dict(output_dir=str(Path(spec.workdir) / f"{spec.size}-{spec.run}"), per_device_train_batch_size=spec.batch,
                   gradient_accumulation_steps=1, max_steps=spec.warmup + spec.steps, learning_rate=spec.learning_rate,
                   lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
                   gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
@@ -194,7 +194,7 @@ def run_ours(spec: Spec) -> dict:
     from mmpo.modeling import load_tokenizer
 
     objective = spec.run.split("-", 1)[1]
-    run_dir = Path(spec.workdir) / spec.run
+    run_dir = Path(spec.workdir) / f"{spec.size}-{spec.run}"
     cfg = TrainConfig(model=spec.model_dir, dataset=(spec.data_file,), eval_dataset=(), objective=objective,
                       per_device_batch_size=spec.batch, gradient_accumulation_steps=1,
                       max_steps=spec.warmup + spec.steps, learning_rate=spec.learning_rate, warmup_ratio=0.0,
@@ -332,6 +332,9 @@ def vs_trl(args) -> int:
     tokenizer = bench_tokenizer()
     forward = json.loads(args.forward) if args.forward else {}
     results = []
+    if args.merge and args.out and Path(args.out).is_file():  # keep earlier runs of other (size, run) pairs
+        redo = {(size, run) for size in args.sizes for run in args.runs}
+        results = [r for r in json.loads(Path(args.out).read_text())["results"] if (r["size"], r["run"]) not in redo]
     for size in args.sizes:
         batch, warmup, steps = (args.batch, args.warmup, args.steps) if size == "135m" else (
             args.tiny_batch, args.tiny_warmup, args.tiny_steps)
@@ -493,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     side.add_argument("--forward", default="", help='our forward options as JSON, e.g. \'{"share_prompt": false}\'')
     side.add_argument("--workdir", default=None, help="where models, data and run folders go (default: a temp dir)")
     side.add_argument("--out", default="benchmarks/results/vs_trl.json", help="results JSON (updated after every run)")
+    side.add_argument("--merge", action="store_true", help="keep the results already in --out for other sizes/runs")
     side.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
     scale = sub.add_parser("scaling", help="cost vs prompt length, completion length and batch size (plot)")
     scale.add_argument("--repeats", type=int, default=2)

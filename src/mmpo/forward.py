@@ -76,6 +76,8 @@ class ForwardOptions:
     """Tokens scored per LM-head chunk (0: all scored positions at once, still only those)."""
     selective_recompute: bool = True
     """Keep only matmul and attention outputs for the backward pass; recompute the elementwise rest."""
+    segmented_attention: bool = True
+    """With sdpa: attend block by block (one call per sequence part) instead of one dense masked call."""
 
     def __post_init__(self):
         if self.logits_chunk_size < 0:
@@ -194,6 +196,10 @@ SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch of a token: a token sees SHARED tok
 #: Cost of one query-key pair of masked attention relative to one token through a layer stack of
 #: SmolLM2-135M's shape on CPU (measured: ~1.5x the FLOP ratio 2 * layers * hidden / parameters).
 DEFAULT_ATTENTION_RATIO = 4.6e-4
+#: How attention is restricted to each sequence: ``segmented`` runs one causal attention call per
+#: block of a row (sdpa only, no wasted query-key pairs), ``mask`` one dense call with a 4D mask,
+#: ``padded`` is the plain layout (one sequence per row, 2D padding mask).
+ATTENTION_MODES = ("segmented", "mask", "padded")
 
 
 @dataclass
@@ -203,6 +209,7 @@ class _Unit:
     tokens: list[int]
     positions: list[int]
     branches: list[int]
+    sections: tuple[int, int, int]  # lengths of the shared part, the chosen and the rejected branch
     predictors: list[int]  # offset (within the unit) of the position whose output scores each target
     targets: list[int]
     sequences: list[int]  # which logical sequence each target belongs to
@@ -213,7 +220,7 @@ def _sequence_unit(tokens: list[int], labels: list[int], sequence: int) -> _Unit
     """A plain sequence; each position ``t >= 1`` whose label is not -100 is scored against it."""
     scored = [t for t in range(1, len(tokens)) if labels[t] != -100]
     return _Unit(tokens=list(tokens), positions=list(range(len(tokens))), branches=[SHARED] * len(tokens),
-                 predictors=[t - 1 for t in scored], targets=[labels[t] for t in scored],
+                 sections=(len(tokens), 0, 0), predictors=[t - 1 for t in scored], targets=[labels[t] for t in scored],
                  sequences=[sequence] * len(scored), steps=list(range(len(scored))))
 
 
@@ -222,7 +229,7 @@ def _shared_prompt_unit(prompt: list[int], chosen: list[int], rejected: list[int
     p, c, r = len(prompt), len(chosen), len(rejected)
     unit = _Unit(tokens=prompt + chosen + rejected,
                  positions=list(range(p + c)) + list(range(p, p + r)),
-                 branches=[SHARED] * p + [CHOSEN] * c + [REJECTED] * r,
+                 branches=[SHARED] * p + [CHOSEN] * c + [REJECTED] * r, sections=(p, c, r),
                  predictors=[], targets=[], sequences=[], steps=[])
     for sequence, start, completion in ((pair, p, chosen), (num_pairs + pair, p + c, rejected)):
         scored = [j for j in range(len(completion)) if p + j > 0]  # a sequence's first token has no predictor
@@ -233,11 +240,30 @@ def _shared_prompt_unit(prompt: list[int], chosen: list[int], rejected: list[int
     return unit
 
 
+@dataclass(frozen=True)
+class _Block:
+    """Queries ``[start, end)`` of a row attend causally to themselves and, when ``prefix`` is set,
+    to all of the keys ``[prefix[0], prefix[1])`` (the shared prompt of a rejected branch)."""
+
+    start: int
+    end: int
+    prefix: tuple[int, int] | None = None
+    mask: torch.Tensor | None = None  # [end - start, prefix length + end - start] when prefix is set
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Blocks of every row for segmented attention (passed to the model as a keyword argument)."""
+
+    rows: tuple[tuple[_Block, ...], ...]
+
+
 @dataclass
 class _Layout:
     input_ids: torch.Tensor  # [R, W]
     position_ids: torch.Tensor | None  # [R, W] (None: 0..W-1 in every row)
-    attention_mask: torch.Tensor  # [R, W] padding mask, or [R, 1, W, W] when rows hold more than a sequence
+    attention_mask: torch.Tensor  # [R, W] padding mask, [R, 1, W, W] dense mask, or a placeholder (segmented)
+    plan: AttentionPlan | None  # segmented attention only
     predictors: torch.Tensor  # [N] flat index into the [R * W] outputs
     targets: torch.Tensor  # [N]
     sequences: torch.Tensor  # [N]
@@ -268,6 +294,7 @@ def _assign_rows(lengths: list[int], packing: bool, attention_ratio: float = DEF
     ``width**2`` query-key pairs a dense masked attention kernel computes, weighted by
     ``attention_ratio`` (cost of one query-key pair relative to one token through the layers).
     Few long rows waste no padding but pay quadratic attention; the estimate picks between them.
+    Segmented attention has no such cost (``attention_ratio=0``): everything goes in one row.
     """
     if not packing:
         return [[i] for i in range(len(lengths))]
@@ -283,16 +310,18 @@ def _assign_rows(lengths: list[int], packing: bool, attention_ratio: float = DEF
     return best
 
 
-def _build_layout(units: list[_Unit], rows: list[list[int]], *, pad_token_id: int, device, mask_kind) -> _Layout:
+def _build_layout(units: list[_Unit], rows: list[list[int]], *, pad_token_id: int, device, mask_kind,
+                  segmented: bool = False) -> _Layout:
     """Tensors for ``units`` placed in ``rows`` (lists of unit indices, see ``_assign_rows``)."""
     width = max(sum(len(units[i].tokens) for i in row) for row in rows)
-    tokens, positions, segments, branches = [], [], [], []
+    tokens, positions, segments, branches, plan_rows = [], [], [], [], []
     predictors, targets, sequences, steps = [], [], [], []
+    rejected_masks: dict[tuple[int, int], torch.Tensor] = {}
     for r, row in enumerate(rows):
-        row_tokens, row_positions, row_segments, row_branches = [], [], [], []
+        row_tokens, row_positions, row_segments, row_branches, blocks = [], [], [], [], []
         for i in row:
-            unit, offset = units[i], r * width + len(row_tokens)
-            predictors += [offset + k for k in unit.predictors]
+            unit, start = units[i], len(row_tokens)
+            predictors += [r * width + start + k for k in unit.predictors]
             targets += unit.targets
             sequences += unit.sequences
             steps += unit.steps
@@ -300,27 +329,39 @@ def _build_layout(units: list[_Unit], rows: list[list[int]], *, pad_token_id: in
             row_positions += unit.positions
             row_segments += [i] * len(unit.tokens)
             row_branches += unit.branches
+            p, c, rej = unit.sections
+            blocks.append(_Block(start, start + p + c))
+            if rej:  # rejected: all of the prompt, causally its own tokens, none of the chosen ones
+                if (p, rej) not in rejected_masks:
+                    own = torch.ones(rej, rej, dtype=torch.bool, device=device).tril()
+                    rejected_masks[p, rej] = torch.cat([torch.ones(rej, p, dtype=torch.bool, device=device), own], 1)
+                blocks.append(_Block(start + p + c, start + p + c + rej, (start, start + p), rejected_masks[p, rej]))
         pad = width - len(row_tokens)
         tokens.append(row_tokens + [pad_token_id] * pad)
         positions.append(row_positions + [0] * pad)
         segments.append(row_segments + [-1] * pad)
         branches.append(row_branches + [SHARED] * pad)
+        plan_rows.append(tuple(blocks))
 
     def tensor(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
     segment = tensor(segments)
+    plan = None
     simple = all(len(row) == 1 for row in rows) and all(b == SHARED for unit in units for b in unit.branches)
     if simple:  # one plain sequence per row: an ordinary padding mask does
         attention_mask, position_ids = (segment >= 0).long(), None
+    elif segmented:  # the plan decides; the placeholder only stops transformers from building a mask
+        attention_mask, position_ids = torch.ones(len(rows), 1, 1, 1, dtype=torch.bool, device=device), tensor(positions)
+        plan = AttentionPlan(tuple(plan_rows))
     else:
         attention_mask, position_ids = _block_mask(segment, tensor(branches), mask_kind), tensor(positions)
-    return _Layout(input_ids=tensor(tokens), position_ids=position_ids, attention_mask=attention_mask,
+    return _Layout(input_ids=tensor(tokens), position_ids=position_ids, attention_mask=attention_mask, plan=plan,
                    predictors=tensor(predictors), targets=tensor(targets), sequences=tensor(sequences),
                    steps=tensor(steps), num_tokens=sum(len(u.tokens) for u in units))
 
 
-def _block_mask(segment: torch.Tensor, branch: torch.Tensor, kind: str) -> torch.Tensor:
+def _block_mask(segment: torch.Tensor, branch: torch.Tensor, kind) -> torch.Tensor:
     """``[R, 1, W, W]`` mask: query q sees key k iff same unit, k not after q, and k is a shared
     token or on q's own branch. Padding sees itself only (a fully masked row would give NaN)."""
     width = segment.shape[1]
@@ -332,8 +373,59 @@ def _block_mask(segment: torch.Tensor, branch: torch.Tensor, kind: str) -> torch
     allowed = allowed[:, None]
     if kind == "bool":
         return allowed
-    dtype = torch.float32 if kind == "float32" else kind
-    return torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=kind, device=segment.device).masked_fill(~allowed, torch.finfo(kind).min)
+
+
+# --------------------------------------------------------------------------------------------
+# Segmented attention: transformers' sdpa entry, split into per-block calls when given a plan
+
+_plain_sdpa = None
+
+
+def _sdpa_or_segmented(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                       mmpo_attention_plan: AttentionPlan | None = None, **kwargs):
+    """transformers' sdpa attention, unchanged unless the call carries ``mmpo_attention_plan``.
+
+    With a plan, each block is one ``scaled_dot_product_attention`` call on its own queries and
+    keys (``is_causal`` for a sequence or a prompt + chosen block; prompt + own keys, bottom-right
+    causal, for a rejected block), so no query-key pair outside a sequence is computed at all.
+    The plan travels as a keyword argument, so activation recompute replays the same calls."""
+    if mmpo_attention_plan is None:
+        return _plain_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    gqa = query.shape[1] != key.shape[1]
+    attend = partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    rows = []
+    for r, blocks in enumerate(mmpo_attention_plan.rows):
+        pieces = []
+        for block in blocks:
+            q = query[r:r + 1, :, block.start:block.end]
+            k, v = key[r:r + 1, :, block.start:block.end], value[r:r + 1, :, block.start:block.end]
+            if block.prefix is None:
+                pieces.append(attend(q, k, v, is_causal=True))
+            else:
+                start, end = block.prefix
+                k = torch.cat([key[r:r + 1, :, start:end], k], dim=2)
+                v = torch.cat([value[r:r + 1, :, start:end], v], dim=2)
+                pieces.append(attend(q, k, v, attn_mask=block.mask))
+        filled = blocks[-1].end if blocks else 0
+        if filled < query.shape[2]:  # padding: zeros, never read
+            pieces.append(query.new_zeros(1, query.shape[1], query.shape[2] - filled, value.shape[-1]))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows).transpose(1, 2).contiguous(), None
+
+
+def _install_segmented_attention() -> None:
+    """Route transformers' ``"sdpa"`` attention through ``_sdpa_or_segmented`` (once per process).
+
+    Calls without a plan go to the original function with the same arguments, so every other
+    use of sdpa in the process is unchanged."""
+    global _plain_sdpa
+    if _plain_sdpa is None:
+        from transformers import AttentionInterface
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        _plain_sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        AttentionInterface.register("sdpa", _sdpa_or_segmented)
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,17 +441,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _mask_kind(model: torch.nn.Module) -> str | torch.dtype | None:
-    """The 4D mask the model's attention kernel applies exactly, or None when it has none.
+def _kernel(model: torch.nn.Module) -> str | None:
+    return getattr(_unwrap(model).config, "_attn_implementation", None)
 
-    sdpa takes a boolean mask; eager *adds* the mask to the scores, so it needs an additive one
-    (a boolean mask there silently gives wrong numbers)."""
-    kernel = getattr(_unwrap(model).config, "_attn_implementation", None)
-    if kernel == "sdpa":
-        return "bool"
-    if kernel == "eager":
-        return next(model.parameters()).dtype
-    return None
+
+def _mask_kind(model: torch.nn.Module):
+    """The 4D mask the model's attention kernel applies exactly: sdpa takes a boolean mask; eager
+    *adds* the mask to the scores, so it needs an additive one (a boolean one silently gives wrong
+    numbers there)."""
+    return "bool" if _kernel(model) == "sdpa" else next(model.parameters()).dtype
 
 
 def _hidden_states(model: torch.nn.Module, layout: _Layout) -> torch.Tensor:
@@ -373,6 +463,9 @@ def _hidden_states(model: torch.nn.Module, layout: _Layout) -> torch.Tensor:
     kwargs = dict(input_ids=layout.input_ids, attention_mask=layout.attention_mask, use_cache=False)
     if layout.position_ids is not None:
         kwargs["position_ids"] = layout.position_ids
+    if layout.plan is not None:
+        _install_segmented_attention()
+        kwargs["mmpo_attention_plan"] = layout.plan
     if "logits_to_keep" in inspect.signature(base.forward).parameters:
         kwargs["logits_to_keep"] = 1
     try:
@@ -471,10 +564,12 @@ def _attention_ratio(model: torch.nn.Module) -> float:
     return _attention_ratios[model]
 
 
-def _layout(model, units: list[_Unit], packing: bool, pad_token_id: int) -> _Layout:
-    rows = _assign_rows([len(u.tokens) for u in units], packing, _attention_ratio(model) if packing else 0.0)
+def _layout(model, units: list[_Unit], attention: str, packing: bool, pad_token_id: int) -> _Layout:
+    packing = packing and attention != "padded"
+    ratio = 0.0 if attention == "segmented" or not packing else _attention_ratio(model)
+    rows = _assign_rows([len(u.tokens) for u in units], packing, ratio)
     return _build_layout(units, rows, pad_token_id=pad_token_id, device=next(model.parameters()).device,
-                         mask_kind=_mask_kind(model) or "bool")
+                         mask_kind=_mask_kind(model), segmented=attention == "segmented")
 
 
 def _per_sequence(values: torch.Tensor, layout: _Layout, num_sequences: int) -> torch.Tensor:
@@ -485,7 +580,7 @@ def _per_sequence(values: torch.Tensor, layout: _Layout, num_sequences: int) -> 
 
 
 # --------------------------------------------------------------------------------------------
-# Choosing a layout, with a one-time exactness probe per model
+# Choosing how attention is restricted, with a one-time exactness probe per model
 
 _warned: set[str] = set()
 _probe_results: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -494,7 +589,7 @@ _probe_results: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _warn_once(message: str) -> None:
     if message not in _warned:
         _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _probe_examples(vocab_size: int) -> list[dict]:
@@ -503,15 +598,10 @@ def _probe_examples(vocab_size: int) -> list[dict]:
             {"prompt_ids": ids(10, 11), "chosen_ids": ids(12), "rejected_ids": ids(13, 14, 15, 16, 17)}]
 
 
-def _mask_layouts_exact(model, options: ForwardOptions, pad_token_id: int) -> bool:
-    """Whether this model, with its attention kernel, gives the padded path's numbers under the
-    4D-mask layouts. Checked once per model on two tiny pairs (no gradient)."""
-    kernel = getattr(_unwrap(model).config, "_attn_implementation", None)
-    if kernel not in MASK_4D_KERNELS:
-        _warn_once(f"attention kernel {kernel!r} cannot take the shared-prompt/packing mask (supported: "
-                   f"{', '.join(MASK_4D_KERNELS)}); using the padded layout")
-        return False
-    key = (options.share_prompt, options.packing, kernel)
+def _probe(model, options: ForwardOptions, pad_token_id: int, attention: str) -> str | None:
+    """Why ``attention`` does not give the padded path's numbers on this model, or None when it
+    does. Checked once per model and setting on two tiny pairs, without gradients."""
+    key = (options.share_prompt, options.packing, attention, _kernel(model))
     results = _probe_results.setdefault(model, {})
     if key not in results:
         examples = _probe_examples(_unwrap(model).config.vocab_size)
@@ -521,53 +611,59 @@ def _mask_layouts_exact(model, options: ForwardOptions, pad_token_id: int) -> bo
             with torch.no_grad():
                 want = _padded_preference_logps(model, examples, pad_token_id=pad_token_id, compute_entropy=False,
                                                 length_normalize=False)
-                got = _fast_preference_logps(model, examples, options, pad_token_id=pad_token_id,
+                got = _fast_preference_logps(model, examples, options, attention, pad_token_id=pad_token_id,
                                              compute_entropy=False, length_normalize=False)
             # float32 agrees to ~1e-6 here; 16-bit layouts differ by rounding, so only gross errors count
             tolerance = 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 1e-1
-            results[key] = all(torch.allclose(g.float(), w.float(), rtol=tolerance, atol=tolerance)
-                               for g, w in ((got.chosen_logps, want.chosen_logps), (got.rejected_logps, want.rejected_logps)))
-            reason = "its log-probs differ from the padded path's"
-        except Exception as err:  # a model that rejects 4D masks or custom positions
-            results[key], reason = False, f"{err.__class__.__name__}: {err}"
+            close = all(torch.allclose(g.float(), w.float(), rtol=tolerance, atol=tolerance)
+                        for g, w in ((got.chosen_logps, want.chosen_logps), (got.rejected_logps, want.rejected_logps)))
+            results[key] = None if close else "its log-probs differ from the padded path's"
+        except Exception as err:  # a model that rejects 4D masks, custom positions or extra arguments
+            results[key] = f"{err.__class__.__name__}: {err}"
         finally:
             model.train(was_training)
-        if not results[key]:
-            _warn_once(f"{type(_unwrap(model)).__name__} with attention {kernel!r}: the shared-prompt/packed layout "
-                       f"is not exact for this model ({reason}); using the padded layout")
     return results[key]
 
 
-def _sliding_window_ok(model, longest_sequence: int) -> bool:
-    """A custom 4D mask replaces a sliding-window mask; only exact while sequences fit the window."""
-    window = getattr(_unwrap(model).config, "sliding_window", None)
-    if window is None or longest_sequence <= window:
-        return True
-    _warn_once(f"sequences longer than the model's sliding window ({window}): using the padded layout")
-    return False
-
-
-def _use_mask_layout(model, options: ForwardOptions, pad_token_id: int, longest_sequence: int) -> bool:
+def _choose_attention(model, options: ForwardOptions, pad_token_id: int, longest_sequence: int) -> str:
+    """The first of ``ATTENTION_MODES`` that is switched on, allowed and exact for this model."""
     if not (options.packing or options.share_prompt):
-        return False
-    return _sliding_window_ok(model, longest_sequence) and _mask_layouts_exact(model, options, pad_token_id)
+        return "padded"
+    window = getattr(_unwrap(model).config, "sliding_window", None)
+    if window is not None and longest_sequence > window:  # our mask/plan would replace the window
+        _warn_once(f"sequences longer than the model's sliding window ({window}): using the padded layout")
+        return "padded"
+    kernel = _kernel(model)
+    candidates = [mode for mode, allowed in (("segmented", kernel == "sdpa" and options.segmented_attention),
+                                             ("mask", kernel in MASK_4D_KERNELS)) if allowed]
+    if not candidates:
+        _warn_once(f"attention kernel {kernel!r} cannot take the shared-prompt/packing layout (supported: "
+                   f"{', '.join(MASK_4D_KERNELS)}); using the padded layout")
+        return "padded"
+    for mode in candidates:
+        reason = _probe(model, options, pad_token_id, mode)
+        if reason is None:
+            return mode
+        fallback = "padded layout" if mode == candidates[-1] else f"{candidates[-1]!r} attention"
+        _warn_once(f"{type(_unwrap(model)).__name__} with attention {kernel!r}: {mode!r} attention is not exact "
+                   f"for this model ({reason}); using the {fallback}")
+    return "padded"
 
 
 # --------------------------------------------------------------------------------------------
 # Public entry points
 
 
-def _fast_preference_logps(model, examples, options: ForwardOptions, *, pad_token_id, compute_entropy,
-                           length_normalize, mask_layout: bool = True) -> PreferenceLogps:
+def _fast_preference_logps(model, examples, options: ForwardOptions, attention: str, *, pad_token_id,
+                           compute_entropy, length_normalize) -> PreferenceLogps:
     batch = len(examples)
-    sharing = options.share_prompt and mask_layout
-    if sharing:
+    if options.share_prompt and attention != "padded":
         units = [_shared_prompt_unit(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], i, batch)
                  for i, ex in enumerate(examples)]
     else:
         rows, prompt_lengths = _completion_rows(examples)
         units = [_sequence_unit(row, [-100] * p + row[p:], i) for i, (row, p) in enumerate(zip(rows, prompt_lengths))]
-    layout = _layout(model, units, options.packing and mask_layout, pad_token_id)
+    layout = _layout(model, units, attention, options.packing, pad_token_id)
     token_logps, entropy = _score_layout(model, layout, options, with_entropy=compute_entropy)
     per_token = _per_sequence(token_logps, layout, 2 * batch)
     sums = per_token.sum(-1)
@@ -603,8 +699,8 @@ def preference_logps(
     if options is None:
         return _padded_preference_logps(model, examples, **kwargs)
     longest = max(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) for ex in examples)
-    mask_layout = _use_mask_layout(model, options, pad_token_id, longest)
-    return _fast_preference_logps(model, examples, options, mask_layout=mask_layout, **kwargs)
+    attention = _choose_attention(model, options, pad_token_id, longest)
+    return _fast_preference_logps(model, examples, options, attention, **kwargs)
 
 
 def sft_loss(model: torch.nn.Module, examples: list[dict], *, pad_token_id: int,
@@ -616,10 +712,9 @@ def sft_loss(model: torch.nn.Module, examples: list[dict], *, pad_token_id: int,
     if options is None:
         return _padded_sft_loss(model, examples, pad_token_id=pad_token_id)
     units = [_sequence_unit(ex["input_ids"], ex["labels"], i) for i, ex in enumerate(examples)]
-    longest = max(len(ex["input_ids"]) for ex in examples)
     options = dataclasses.replace(options, share_prompt=False)  # nothing to share in SFT
-    packing = _use_mask_layout(model, options, pad_token_id, longest)
-    layout = _layout(model, units, packing, pad_token_id)
+    attention = _choose_attention(model, options, pad_token_id, max(len(ex["input_ids"]) for ex in examples))
+    layout = _layout(model, units, attention, options.packing, pad_token_id)
     token_logps, _ = _score_layout(model, layout, options, with_entropy=False)
     num_targets = int(layout.targets.numel())
     loss = -token_logps.sum() / max(num_targets, 1)
