@@ -376,7 +376,10 @@ def ablation_figure(points: list[CheckpointResult], path: Path, baseline_acc: fl
                 continue
             xs, ys = [r["win_rate"].mean for r in line], [r["lm_acc"].mean * 100 for r in line]
             label = f"{method} β={beta:g}" if several_betas else method
-            ax.plot(xs, ys, "-o", color=colors[method], label=label, markersize=5)
+            default = method in OBJECTIVE_LABELS.values()  # dashed and hollow, drawn on top: an
+            # ablation that trains identically (e.g. no normalization with the aux term) stays visible
+            ax.plot(xs, ys, "--o" if default else "-o", color=colors[method], label=label, markersize=7 if default else 5,
+                    markerfacecolor="none" if default else colors[method], zorder=5 if default else 3)
             for r, x, y in zip(line, xs, ys):
                 ax.annotate(f"{r['epoch']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if baseline_acc is not None:
