@@ -63,9 +63,12 @@ def load(path: Path, ids: list[str]) -> tuple[torch.Tensor, torch.Tensor] | None
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # a damaged cache file is recomputed, never trusted
         return None
-    if state.get("ids") != ids:
+    # Keyed by example id, not position: runs with other seeds see the same examples in another order.
+    position = {row_id: i for i, row_id in enumerate(state.get("ids", []))}
+    if len(position) != len(set(ids)) or any(row_id not in position for row_id in ids):
         return None
-    return state["chosen"], state["rejected"]
+    order = torch.tensor([position[row_id] for row_id in ids], dtype=torch.long)
+    return state["chosen"][order], state["rejected"][order]
 
 
 def save(path: Path, ids: list[str], chosen: torch.Tensor, rejected: torch.Tensor, meta: dict) -> None:
