@@ -313,10 +313,20 @@ def loss_agreement(results: list[dict]) -> list[str]:
         if base is None or run == "mmpo-mmpo":
             continue
         diffs = [abs(a - b) for a, b in zip(r["losses"], base["losses"])]
-        notes.append(f"{size} {run} vs {base['run']}: losses {['%.5f' % x for x in r['losses']]} vs "
-                     f"{['%.5f' % x for x in base['losses']]} (max |diff| {max(diffs):.1e}); step-1 mean logps "
-                     f"chosen/rejected {r['first_step_logps']} vs {base['first_step_logps']}")
+        note = (f"{size} {run} vs {base['run']}: losses {['%.5f' % x for x in r['losses']]} vs "
+                f"{['%.5f' % x for x in base['losses']]} (max |diff| {max(diffs):.1e})")
+        if run == "mmpo-dpo":  # both log summed log-probs (TRL's CPO logs per-token means)
+            note += f"; step-1 mean chosen/rejected logps {r['first_step_logps']} vs {base['first_step_logps']}"
+        notes.append(note)
     return notes
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def vs_trl(args) -> int:
@@ -356,7 +366,8 @@ def vs_trl(args) -> int:
                   f"losses {['%.4f' % x for x in result['losses']]}  ({time.perf_counter() - started:.0f} s)", flush=True)
             if args.out:
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
+                Path(args.out).write_text(json.dumps({"command": " ".join(sys.argv), "commit": _git_commit(),
+                                                      "results": results}, indent=1))
     print()
     print(format_table(results))
     print()
