@@ -1,9 +1,5 @@
 """Validation up front: every bad input of docs/reliability.md's table, and a property test that
 random rows give valid examples or one clear DataError, never another exception.
-
-Rows marked ``xfail(strict=True)`` are gaps reported to the owner of the module that must fix
-them; when one is fixed its test starts passing, fails as XPASS, and the marker and the table row
-in docs/reliability.md are updated together.
 """
 
 from __future__ import annotations
@@ -11,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,8 +21,6 @@ from mmpo.forward import pad_sequences
 
 GOOD = {"prompt": "Repeat the word banop.", "chosen": "banop", "rejected": "I am not sure."}
 SPECIAL = ["<|end|>", "<|assistant|>", "<|user|>", "<|system|>", "<|pad|>", "\n", " ", "{{", "{%"]
-
-DATA_GAP = "data module gap, reported to its owner (see docs/reliability.md)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,8 +138,8 @@ BAD_ROWS = [
      {"prompt": "Other question", "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]},
      "column 'prompt' does not match the last user turn"),
-    pytest.param("lone surrogate (a JSON \\ud800 escape)", {**GOOD, "chosen": "ban\ud800op"}, "row #1",
-                 marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=DATA_GAP)),
+    pytest.param("lone surrogate (a JSON \\ud800 escape)", {**GOOD, "chosen": "ban\ud800op"},
+                 "column 'chosen' is not valid Unicode: lone surrogate '\\ud800' at character 3"),
 ]
 
 
@@ -208,8 +203,10 @@ BAD_FILES = [
 
 @pytest.mark.parametrize("name, content, fragment", [
     *[pytest.param(*case, id=case[0]) for case in BAD_FILES],
-    pytest.param("array.jsonl", LINE + b"[1, 2]\n", "line 2", id="line that is not an object",
-                 marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=DATA_GAP)),
+    pytest.param("array.jsonl", LINE + b"[1, 2]\n", "line 2 is a JSON list, not an object of columns",
+                 id="line that is not an object"),
+    pytest.param("array.json", b"[" + LINE + b", 5]", "row 1 is a JSON int, not an object of columns",
+                 id="array element that is not an object"),
 ])
 def test_bad_file_gets_a_data_error_naming_the_file(tmp_path, name, content, fragment):
     with pytest.raises(DataError) as error:
@@ -263,8 +260,6 @@ def test_template_that_drops_assistant_turns_leaves_no_examples_and_stops_the_ru
     examples, report = prepare_preference_examples([GOOD], with_template(tokenizer, DROPS_ASSISTANT))
     assert examples == [] and report.dropped == {"empty_completion": 1}
     model_dir = tmp_path / "model"
-    import shutil
-
     shutil.copytree(tiny_model_dir, model_dir)
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
@@ -284,11 +279,35 @@ def test_template_without_generation_prompt_scores_the_assistant_header_in_both_
     assert example["chosen_ids"][: len(header)] == example["rejected_ids"][: len(header)] == header
 
 
-@pytest.mark.xfail(strict=True, reason=DATA_GAP)
 def test_template_that_does_not_close_the_assistant_turn_is_refused(tokenizer):
     """Completions would not end with the end-of-turn/EOS token, so the model never learns to stop."""
-    with pytest.raises(DataError, match="end"):
+    with pytest.raises(DataError, match="does not end the assistant turn"):
         prepare_preference_examples([GOOD], with_template(tokenizer, OPEN_ASSISTANT))
+    with pytest.raises(DataError, match="does not end the assistant turn"):
+        prepare_sft_examples([{"prompt": GOOD["prompt"], "completion": GOOD["chosen"]}], with_template(tokenizer, OPEN_ASSISTANT))
+
+
+def test_chat_template_path_replaces_the_tokenizers_template(tmp_path, tiny_model_dir):
+    """The way out the error above names: --chat-template-path, applied before the data is read."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (model_dir / "chat_template.jinja").write_text(OPEN_ASSISTANT)
+    (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
+    common = dict(model=str(model_dir), dataset=(str(tmp_path / "train.jsonl"),), eval_dataset=(), max_steps=1,
+                  per_device_batch_size=1, progress=False)
+    with pytest.raises(DataError, match="does not end the assistant turn"):
+        train(TrainConfig(output_dir=str(tmp_path / "open"), **common))
+    fixed = tmp_path / "closed.jinja"
+    fixed.write_text("{% for m in messages %}" + ROLE + "<|end|>{% endfor %}" + GEN)
+    result = train(TrainConfig(output_dir=str(tmp_path / "closed"), chat_template_path=str(fixed), **common))
+    assert result.metrics
+    saved = (tmp_path / "closed").glob("checkpoints/*/model/chat_template.jinja")
+    assert [path.read_text() for path in saved] == [fixed.read_text()]
+    with pytest.raises(ConfigError, match="config key 'chat_template_path': no such file"):
+        resolve(TrainConfig(chat_template_path=str(tmp_path / "missing.jinja"), **common))
 
 
 # --------------------------------------------------------------------------------------------

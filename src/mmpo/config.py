@@ -78,6 +78,8 @@ class CommonConfig:
     """Module names that get LoRA adapters."""
     trust_remote_code: bool = False
     """Allow model code from the Hub to run (off unless you trust the model's repository)."""
+    chat_template_path: str | None = None
+    """A Jinja chat template file that replaces the tokenizer's own (saved with the checkpoints)."""
     logging_steps: int = 5
     """Write a metrics line every this many optimizer steps."""
     eval_steps: int = 0
@@ -235,6 +237,8 @@ def validate(cfg: CommonConfig) -> None:
     need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0")
     need(cfg.save_steps >= 0, "save_steps", "must be >= 0")
     need(bool(cfg.dataset), "dataset", "needs at least one dataset")
+    need(cfg.chat_template_path is None or Path(cfg.chat_template_path).is_file(), "chat_template_path",
+         "no such file")
     need(cfg.logits_chunk_size >= 0, "logits_chunk_size", "must be >= 0 (0: no chunking)")  # forward pass (speed)
     for tracker in cfg.report_to:
         need(tracker in ("tensorboard", "wandb", "mlflow"), "report_to", "trackers are tensorboard, wandb, mlflow")

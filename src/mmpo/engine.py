@@ -500,7 +500,8 @@ def train(cfg: TrainConfig) -> RunResult:
     _prepare_run_dir(cfg, accelerator)
 
     # Data first: a malformed row fails in seconds, before any model is loaded.
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                               chat_template_path=cfg.chat_template_path)
     kwargs = dict(max_prompt_length=cfg.max_prompt_length, max_completion_length=cfg.max_completion_length,
                   on_error=cfg.on_bad_rows)
     train_examples, train_report = prepare_preference_examples(load_rows(_specs(cfg.dataset), seed=cfg.seed), tokenizer, **kwargs)
@@ -547,7 +548,8 @@ def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) ->
     accelerator = _make_accelerator(cfg)
     set_seed(cfg.seed)
     _prepare_run_dir(cfg, accelerator)
-    tokenizer = tokenizer or load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code,
+                                            chat_template_path=cfg.chat_template_path)
     train_examples, report = prepare_sft_examples(load_rows(_specs(cfg.dataset), seed=cfg.seed), tokenizer,
                                                   max_length=cfg.max_length, on_error=cfg.on_bad_rows)
     _fail_fast_data("SFT", report)

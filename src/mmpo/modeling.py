@@ -26,8 +26,10 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """Tokenizer of a model folder or Hub id; a clear error when it cannot be found."""
+def load_tokenizer(path: str, *, trust_remote_code: bool = False,
+                   chat_template_path: str | None = None) -> PreTrainedTokenizerBase:
+    """Tokenizer of a model folder or Hub id (with the chat template of ``chat_template_path``
+    if given); a clear error when it cannot be found."""
     source = path
     if is_adapter_folder(path) and not any((Path(path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
         source = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -41,6 +43,8 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> PreTrainedT
     if tokenizer.pad_token_id is None:
         # Many base models ship without a pad token; padding positions are always masked out.
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template_path is not None:
+        tokenizer.chat_template = Path(chat_template_path).read_text(encoding="utf-8")
     return tokenizer
 
 

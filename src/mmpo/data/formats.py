@@ -155,7 +155,17 @@ def _as_text(value: Any, where: str, column: str, *, allow_empty: bool = False) 
         raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise DataError(f"{where}: column {column!r} is empty")
+    _check_unicode(value, f"{where}: column {column!r}")
     return value
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Lone surrogates (e.g. a JSON ``\\ud800`` escape) are legal in Python strings but not text."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise DataError(f"{what} is not valid Unicode: lone surrogate "
+                        f"{text[error.start]!r} at character {error.start}") from None
 
 
 def _as_messages(value: Any, where: str, column: str, *, default_role: str | None) -> list[Message]:
@@ -182,6 +192,7 @@ def _as_messages(value: Any, where: str, column: str, *, default_role: str | Non
             raise DataError(
                 f"{where}: column {column!r} message {position} has no string 'content' (keys: {sorted(message)})"
             )
+        _check_unicode(message["content"], f"{where}: column {column!r} message {position}")
         messages.append(message)
     return messages
 

@@ -162,9 +162,13 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as error:
                 raise DataError(f"dataset {str(path)!r}: line {line_number} is not valid JSON ({error})") from error
+            if not isinstance(row, dict):
+                raise DataError(f"dataset {str(path)!r}: line {line_number} is a JSON {type(row).__name__}, "
+                                "not an object of columns")
+            rows.append(row)
     return rows
 
 
@@ -181,6 +185,9 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         data = lists[0]
     if not isinstance(data, list):
         raise DataError(f"dataset {str(path)!r}: expected a JSON array of rows, got {type(data).__name__}")
+    for index, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"dataset {str(path)!r}: row {index} is a JSON {type(row).__name__}, not an object of columns")
     return data
 
 

@@ -99,7 +99,29 @@ def require_chat_template(tokenizer: Any) -> None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise DataError(
             f"tokenizer {name!r} has no chat template, so conversations cannot be rendered. Use a "
-            "chat-tuned model (or its tokenizer), or give a template with --chat-template."
+            "chat-tuned model (or its tokenizer), or give a template file with --chat-template-path."
+        )
+    _require_closed_assistant_turn(tokenizer)
+
+
+_PROBE_ANSWER = "mmpo probe answer"
+
+
+def _require_closed_assistant_turn(tokenizer: Any) -> None:
+    """The template must write something (an end-of-turn or EOS token) after the assistant's text:
+    completions are cut from the rendered text, and without it they would not end with a stop token,
+    so the trained model would never learn to stop."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_ANSWER}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # templates with their own rules (e.g. a required system turn) are checked per row
+        return
+    if _PROBE_ANSWER in text and not text.rsplit(_PROBE_ANSWER, 1)[1].strip():
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(
+            f"the chat template of tokenizer {name!r} does not end the assistant turn (nothing follows the "
+            "assistant's text), so completions would not end with an end-of-turn token and the model would "
+            "never learn to stop; give a template that closes the turn with --chat-template-path"
         )
 
 
