@@ -256,15 +256,21 @@ def test_template_that_raises_names_the_row(tokenizer):
                                     with_template(tokenizer, NO_SYSTEM))
 
 
-def test_template_that_drops_assistant_turns_leaves_no_examples_and_stops_the_run(tmp_path, tokenizer, tiny_model_dir):
-    examples, report = prepare_preference_examples([GOOD], with_template(tokenizer, DROPS_ASSISTANT))
-    assert examples == [] and report.dropped == {"empty_completion": 1}
+def model_with_template(tmp_path: Path, tiny_model_dir: Path, template: str) -> Path:
+    """A copy of the tiny model folder whose tokenizer carries ``template`` (saved as transformers 5 does)."""
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model_dir)
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    (model_dir / "chat_template.jinja").write_text(DROPS_ASSISTANT)
+    (model_dir / "chat_template.jinja").write_text(template)
+    return model_dir
+
+
+def test_template_that_drops_assistant_turns_leaves_no_examples_and_stops_the_run(tmp_path, tokenizer, tiny_model_dir):
+    examples, report = prepare_preference_examples([GOOD], with_template(tokenizer, DROPS_ASSISTANT))
+    assert examples == [] and report.dropped == {"empty_completion": 1}
+    model_dir = model_with_template(tmp_path, tiny_model_dir, DROPS_ASSISTANT)
     (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
     cfg = TrainConfig(model=str(model_dir), dataset=(str(tmp_path / "train.jsonl"),), eval_dataset=(),
                       output_dir=str(tmp_path / "run"), progress=False)
@@ -284,17 +290,13 @@ def test_template_that_does_not_close_the_assistant_turn_is_refused(tokenizer):
     with pytest.raises(DataError, match="does not end the assistant turn"):
         prepare_preference_examples([GOOD], with_template(tokenizer, OPEN_ASSISTANT))
     with pytest.raises(DataError, match="does not end the assistant turn"):
-        prepare_sft_examples([{"prompt": GOOD["prompt"], "completion": GOOD["chosen"]}], with_template(tokenizer, OPEN_ASSISTANT))
+        prepare_sft_examples([{"prompt": GOOD["prompt"], "completion": GOOD["chosen"]}],
+                             with_template(tokenizer, OPEN_ASSISTANT))
 
 
 def test_chat_template_path_replaces_the_tokenizers_template(tmp_path, tiny_model_dir):
     """The way out the error above names: --chat-template-path, applied before the data is read."""
-    model_dir = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model_dir)
-    config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    (model_dir / "chat_template.jinja").write_text(OPEN_ASSISTANT)
+    model_dir = model_with_template(tmp_path, tiny_model_dir, OPEN_ASSISTANT)
     (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
     common = dict(model=str(model_dir), dataset=(str(tmp_path / "train.jsonl"),), eval_dataset=(), max_steps=1,
                   per_device_batch_size=1, progress=False)
