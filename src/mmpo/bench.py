@@ -153,7 +153,8 @@ def run_trl(spec: Spec) -> dict:
     model = AutoModelForCausalLM.from_pretrained(spec.model_dir, dtype=torch.float32, attn_implementation="sdpa")
     common = dict(output_dir=str(Path(spec.workdir) / f"{spec.size}-{spec.run}"), per_device_train_batch_size=spec.batch,
                   gradient_accumulation_steps=1, max_steps=spec.warmup + spec.steps, learning_rate=spec.learning_rate,
-                  lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+                  lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                  optim="adamw_torch_fused",  # TRL's default; our engine uses the same fused kernel
                   gradient_checkpointing=False, logging_steps=1, save_strategy="no", report_to="none",
                   bf16=False,  # TRL defaults to bf16 autocast, which this comparison (fp32, like ours) must not use
                   disable_tqdm=True, seed=spec.seed, use_cpu=True, train_sampling_strategy="sequential",
@@ -211,14 +212,17 @@ def run_ours(spec: Spec) -> dict:
     done = threading.Event()
 
     def watch_metrics():  # the engine appends one line per optimizer step (logging_steps=1)
-        path, seen = run_dir / "metrics.jsonl", 0
+        path, seen, size = run_dir / "metrics.jsonl", 0, -1
         while not done.is_set():
-            lines = path.read_text().count("\n") if path.exists() else 0
+            time.sleep(0.02)  # a cheap stat between reads: the watcher must not cost the trainer CPU
+            if not path.exists() or path.stat().st_size == size:
+                continue
+            size = path.stat().st_size
+            lines = path.read_text().count("\n")
             while seen < lines:
                 seen += 1
                 step_ends.append((time.perf_counter(), time.process_time()))
                 peaks.append(peak_rss())
-            time.sleep(0.005)
 
     watcher = threading.Thread(target=watch_metrics, daemon=True)
     watcher.start()

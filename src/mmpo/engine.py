@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object, set_seed
 from transformers import get_cosine_schedule_with_warmup
 
 from mmpo import checkpoint, refcache
@@ -189,7 +189,7 @@ def _make_accelerator(cfg: CommonConfig) -> Accelerator:
     return accelerator
 
 
-def _optimizer(cfg: CommonConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def _optimizer(cfg: CommonConfig, model: torch.nn.Module, accelerator: Accelerator) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw_8bit":
         try:
@@ -197,7 +197,11 @@ def _optimizer(cfg: CommonConfig, model: torch.nn.Module) -> torch.optim.Optimiz
         except ImportError:
             raise ConfigError("optimizer 'adamw_8bit' needs bitsandbytes: pip install 'mmpo[eightbit]'") from None
         return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # The fused kernel (CPU and CUDA) does the same update as the default multi-tensor one in one
+    # pass over memory: 5x faster on CPU at 135M parameters (1.1 s -> 0.2 s a step). DeepSpeed and
+    # FSDP manage their parameters themselves, so they keep torch's default.
+    fused = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def _save_checkpoint(accelerator, model, tokenizer, cfg, name: str, trainer_state: dict, scheduler) -> Path | None:
@@ -235,7 +239,7 @@ def _run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: 
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps)
 
-    optimizer = _optimizer(cfg, model)
+    optimizer = _optimizer(cfg, model, accelerator)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
     _configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
