@@ -130,6 +130,37 @@ def test_micro_batch_layout_is_the_same_across_processes_and_accumulation():
     assert one == [r0[0], r1[0], r0[1], r1[1]]
 
 
+def test_group_by_length_trains_on_steps_of_similar_length(tmp_path, tiny_model_dir, prefs, monkeypatch):
+    """The padded path with length grouping: each step's pairs have similar lengths, longest first."""
+    import mmpo.engine as engine
+
+    steps: list[list[int]] = []
+    layout = engine.step_micro_batches
+
+    def recording_layout(order, step, **kwargs):
+        micro, step_indices = layout(order, step, **kwargs)
+        steps.append(step_indices)
+        return micro, step_indices
+
+    monkeypatch.setattr(engine, "step_micro_batches", recording_layout)
+    cfg = config(tmp_path, tiny_model_dir, prefs, packing=False, share_prompt=False, group_by_length=True,
+                 eval_dataset=())
+    result = train(cfg)
+    assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.metrics if "loss" in r])))
+    examples, _ = engine.prepare_preference_examples(engine.load_rows([prefs[0]], seed=cfg.seed),
+                                                     engine.load_tokenizer(cfg.model))
+    lengths = [engine.example_length(e) for e in examples]
+
+    def mean_spread(batches):
+        return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
+
+    order = engine.epoch_order(len(examples), cfg.seed, 0)
+    shuffled = [order[i: i + 8] for i in range(0, len(steps) * 8, 8)]
+    assert len(steps) == len(examples) // 8 and len({i for s in steps for i in s}) == len(steps) * 8
+    assert mean_spread(steps) < 0.5 * mean_spread(shuffled)
+    assert [lengths[i] for i in steps[0]] == sorted((lengths[i] for i in steps[0]), reverse=True)
+
+
 def test_sft_lowers_loss_on_assistant_tokens(tmp_path, tiny_model_dir):
     data = tmp_path / "chat.jsonl"
     with open(data, "w") as handle:

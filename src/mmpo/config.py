@@ -103,6 +103,8 @@ class CommonConfig:
     """Score completion tokens through the LM head this many at a time, never holding full-vocabulary logits (0: all at once)."""
     selective_recompute: bool = True
     """Keep only matmul/attention outputs for the backward pass and recompute norms and activations (exact, ~half the memory)."""
+    group_by_length: bool = False
+    """Put examples of similar length in the same step (still shuffled per epoch): less padding when packing is off."""
 
 
 @dataclass

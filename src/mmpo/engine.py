@@ -27,7 +27,7 @@ from transformers import get_cosine_schedule_with_warmup
 from mmpo import checkpoint, refcache
 from mmpo.config import CommonConfig, ConfigError, SFTConfig, TrainConfig, resolve, resume_mismatches, save_yaml, to_dict
 from mmpo.data import DatasetSpec, examples_fingerprint, load_rows, prepare_preference_examples, prepare_sft_examples
-from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps, sft_loss
+from mmpo.forward import ForwardOptions, PreferenceLogps, length_grouped_order, preference_logps, sft_loss
 from mmpo.modeling import is_peft_model, load_model, load_tokenizer, weights_fingerprint
 from mmpo.objectives import ObjectiveOutput, dpo_loss, minmax_range, mmpo_loss, mmpo_prior_rewards, simpo_loss
 
@@ -116,6 +116,21 @@ def preference_micro_step(model, cfg: TrainConfig, examples: list[dict], pad_tok
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1000 + epoch)
     return torch.randperm(num_examples, generator=generator).tolist()
+
+
+def example_length(example: dict) -> int:
+    """Tokens an example puts through the model on the padded path (its longer sequence)."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"]))
+
+
+def training_order(cfg: CommonConfig, examples: list[dict], epoch: int, global_batch: int) -> list[int]:
+    """The epoch's example order: a seeded shuffle, length-grouped per optimizer step if asked."""
+    if not cfg.group_by_length:
+        return epoch_order(len(examples), cfg.seed, epoch)
+    return length_grouped_order([example_length(e) for e in examples], seed=cfg.seed, epoch=epoch,
+                                batch_size=global_batch)
 
 
 def step_micro_batches(order: list[int], step: int, *, per_device: int, accumulation: int,
@@ -278,7 +293,7 @@ def _run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: 
     model.train()
     while global_step < total_steps:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        order = epoch_order(len(examples), cfg.seed, epoch)
+        order = training_order(cfg, examples, epoch, global_batch)
         micro_batches, step_indices = step_micro_batches(
             order, step_in_epoch, per_device=cfg.per_device_batch_size,
             accumulation=cfg.gradient_accumulation_steps, world_size=world, rank=rank)

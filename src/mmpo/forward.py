@@ -186,7 +186,9 @@ def length_grouped_order(lengths: list[int], *, seed: int, epoch: int, batch_siz
     for start in range(0, len(order), span):
         group = sorted(order[start: start + span], key=lambda i: -lengths[i])
         batches += [group[i: i + batch_size] for i in range(0, len(group), batch_size)]
-    return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
+    # A short last batch stays last, so every full batch starts at a multiple of batch_size.
+    tail = batches.pop() if batches and len(batches[-1]) < batch_size else []
+    return [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]] + tail
 
 
 # --------------------------------------------------------------------------------------------
