@@ -415,7 +415,7 @@ def test_template_failure_names_the_row(tokenizer):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-        "{% endif %}{{ m['content'] }}{% endfor %}"
+        "{% endif %}{{ m['content'] + '<|end|>' }}{% endfor %}"
     )
     rows = [
         {"id": "s:train:0", "prompt": "Q", "chosen": "a", "rejected": "b"},

@@ -291,9 +291,11 @@ def _run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: 
     window: dict[str, list[float]] = {}
     window_tokens, window_start = 0, time.perf_counter()
     model.train()
+    order_epoch, order = -1, []
     while global_step < total_steps:
         epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
-        order = training_order(cfg, examples, epoch, global_batch)
+        if epoch != order_epoch:  # once per epoch (also right after a mid-epoch resume)
+            order_epoch, order = epoch, training_order(cfg, examples, epoch, global_batch)
         micro_batches, step_indices = step_micro_batches(
             order, step_in_epoch, per_device=cfg.per_device_batch_size,
             accumulation=cfg.gradient_accumulation_steps, world_size=world, rank=rank)

@@ -101,13 +101,12 @@ def require_chat_template(tokenizer: Any) -> None:
             f"tokenizer {name!r} has no chat template, so conversations cannot be rendered. Use a "
             "chat-tuned model (or its tokenizer), or give a template file with --chat-template-path."
         )
-    _require_closed_assistant_turn(tokenizer)
 
 
 _PROBE_ANSWER = "mmpo probe answer"
 
 
-def _require_closed_assistant_turn(tokenizer: Any) -> None:
+def require_closed_assistant_turn(tokenizer: Any) -> None:
     """The template must write something (an end-of-turn or EOS token) after the assistant's text:
     completions are cut from the rendered text, and without it they would not end with a stop token,
     so the trained model would never learn to stop."""
@@ -254,6 +253,7 @@ def prepare_preference_examples(
     require_chat_template(tokenizer)
     report = DataReport(kind="preference", rows_in=len(rows))
     items = _normalize_rows(rows, normalize_preference_row, report, on_error)
+    require_closed_assistant_turn(tokenizer)  # after the rows: a bad row is reported before any rendering
     settings = _PreferenceSettings(_Encoder.for_tokenizer(tokenizer), max_prompt_length, max_completion_length)
     examples = []
     for outcome in _map_chunks(_tokenize_preference_chunk, items, tokenizer, settings, num_proc):
@@ -336,6 +336,7 @@ def prepare_sft_examples(
     require_chat_template(tokenizer)
     report = DataReport(kind="sft", rows_in=len(rows))
     items = _normalize_rows(rows, normalize_sft_row, report, on_error)
+    require_closed_assistant_turn(tokenizer)  # after the rows: a bad row is reported before any rendering
     settings = _SFTSettings(_Encoder.for_tokenizer(tokenizer), max_length)
     examples = []
     for outcome in _map_chunks(_tokenize_sft_chunk, items, tokenizer, settings, num_proc):
