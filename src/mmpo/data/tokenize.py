@@ -94,12 +94,15 @@ class DataReport:
 # --- chat template --------------------------------------------------------------------------
 
 
+def _tokenizer_name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
 def require_chat_template(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise DataError(
-            f"tokenizer {name!r} has no chat template, so conversations cannot be rendered. Use a "
-            "chat-tuned model (or its tokenizer), or give a template file with --chat-template-path."
+            f"tokenizer {_tokenizer_name(tokenizer)!r} has no chat template, so conversations cannot be "
+            "rendered. Use a chat-tuned model (or its tokenizer), or give a template file with --chat-template-path."
         )
 
 
@@ -116,11 +119,10 @@ def require_closed_assistant_turn(tokenizer: Any) -> None:
     except Exception:  # templates with their own rules (e.g. a required system turn) are checked per row
         return
     if _PROBE_ANSWER in text and not text.rsplit(_PROBE_ANSWER, 1)[1].strip():
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise DataError(
-            f"the chat template of tokenizer {name!r} does not end the assistant turn (nothing follows the "
-            "assistant's text), so completions would not end with an end-of-turn token and the model would "
-            "never learn to stop; give a template that closes the turn with --chat-template-path"
+            f"the chat template of tokenizer {_tokenizer_name(tokenizer)!r} does not end the assistant turn "
+            "(nothing follows the assistant's text), so completions would not end with an end-of-turn token and "
+            "the model would never learn to stop; give a template that closes the turn with --chat-template-path"
         )
 
 
