@@ -20,7 +20,7 @@ import torch
 
 from mmpo.bench import bench_tokenizer, model_config, synthetic_pairs
 from mmpo.data import load_rows, prepare_preference_examples
-from mmpo.engine import epoch_order
+from mmpo.data.order import epoch_order
 from mmpo.forward import ForwardOptions, preference_logps
 from mmpo.objectives import dpo_loss
 

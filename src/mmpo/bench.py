@@ -4,7 +4,7 @@ Two commands:
 
 * ``mmpo bench vs-trl`` - trains with TRL ``DPOTrainer`` (precomputed reference log-probs, no
   gradient checkpointing), TRL's SimPO path (``trl.experimental.cpo.CPOTrainer``,
-  ``loss_type="simpo"``, ``cpo_alpha=0``) and our engine (``mmpo.engine.train``) for DPO, SimPO
+  ``loss_type="simpo"``, ``cpo_alpha=0``) and our engine (``mmpo.training.train``) for DPO, SimPO
   and MMPO. Every configuration runs in a fresh subprocess, so peak RSS is its own. Both sides
   get the same random-weight model (saved once), the same pairs in the same order (TRL samples
   sequentially through the pairs arranged in our engine's order), AdamW with the same settings and
@@ -133,7 +133,7 @@ def current_rss() -> int:
 
 
 def _engine_order(spec: Spec, count: int) -> list[int]:
-    from mmpo.engine import epoch_order
+    from mmpo.data.order import epoch_order
 
     return epoch_order(count, spec.seed, 0)
 
@@ -191,7 +191,7 @@ def run_trl(spec: Spec) -> dict:
 def run_ours(spec: Spec) -> dict:
     from mmpo.config import TrainConfig
     from mmpo.data import DatasetSpec, load_rows, prepare_preference_examples
-    from mmpo.engine import train
+    from mmpo.training import train
     from mmpo.modeling import load_tokenizer
 
     objective = spec.run.split("-", 1)[1]

@@ -46,7 +46,7 @@ def _sparkline(values: list[float]) -> str:
 
 
 def cmd_train(argv: list[str]) -> int:
-    from mmpo.engine import train
+    from mmpo.training import train
 
     cfg = _parse_config(TrainConfig, argv, "mmpo train",
                         "Preference training with MMPO (default), DPO or SimPO. With no arguments: MMPO on the "
@@ -66,7 +66,7 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_sft(argv: list[str]) -> int:
-    from mmpo.engine import sft
+    from mmpo.training import sft
 
     cfg = _parse_config(SFTConfig, argv, "mmpo sft",
                         "Supervised fine-tuning on chat data (loss on assistant tokens only).")

@@ -2,7 +2,7 @@
 
 No model and no trainer here: every function takes 1-D tensors of **summed** completion
 log-probs (one value per pair; callers pass per-token means for the length-normalization
-ablation) and returns an :class:`ObjectiveOutput`. ``../shared/SPEC.md`` is the contract; the
+ablation) and returns an :class:`ObjectiveOutput`. ``docs/objectives.md`` states them; the
 formulas below follow it line by line.
 
 All arithmetic runs in at least float32 so that bfloat16 inputs give the same answers as
@@ -25,10 +25,19 @@ __all__ = [
     "minmax_range",
     "entropy_surrogate",
     "NORMALIZE_DELTA",
+    "OBJECTIVE_DEFAULTS",
 ]
 
-#: ``delta`` of the in-batch min-max normalization (SPEC.md, MMPO step 2).
+#: ``delta`` of the in-batch min-max normalization (docs/objectives.md, MMPO step 2).
 NORMALIZE_DELTA = 1e-6
+
+#: The paper's defaults of each objective's hyper-parameters (docs/objectives.md); the one table
+#: that the functions below, the configs and the presets read.
+OBJECTIVE_DEFAULTS: dict[str, dict[str, float]] = {
+    "mmpo": {"beta": 0.01, "chosen_reward": 0.9, "rejected_reward": 0.1},
+    "dpo": {"beta": 0.1},
+    "simpo": {"beta": 2.0, "gamma": 1.0},
+}
 
 
 @dataclass
@@ -82,7 +91,7 @@ def mmpo_prior_rewards(
     chosen_reward: float,
     rejected_reward: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``r = eps + beta * ref`` for chosen and rejected (SPEC.md step 1); constants, no gradient."""
+    """``r = eps + beta * ref`` for chosen and rejected (docs/objectives.md step 1); constants, no gradient."""
     ref_w, ref_l = _upcast(ref_chosen_logps.detach(), ref_rejected_logps.detach())
     return chosen_reward + beta * ref_w, rejected_reward + beta * ref_l
 
@@ -99,14 +108,14 @@ def mmpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     *,
-    beta: float = 0.01,
-    chosen_reward: float = 0.9,
-    rejected_reward: float = 0.1,
+    beta: float = OBJECTIVE_DEFAULTS["mmpo"]["beta"],
+    chosen_reward: float = OBJECTIVE_DEFAULTS["mmpo"]["chosen_reward"],
+    rejected_reward: float = OBJECTIVE_DEFAULTS["mmpo"]["rejected_reward"],
     normalize: str = "minmax",
     aux_loss: bool = True,
     norm_range: tuple[torch.Tensor | float, torch.Tensor | float] | None = None,
 ) -> ObjectiveOutput:
-    """MMPO (Najafi & Fyshe, 2026), SPEC.md "MMPO" steps 1-6.
+    """MMPO (Najafi & Fyshe, 2026), docs/objectives.md "MMPO" steps 1-6.
 
     ``norm_range`` overrides the ``(min, max)`` of the min-max normalization; the engine passes
     the statistics of the whole optimizer step for ``normalize_scope="step"``. By default the
@@ -150,9 +159,9 @@ def dpo_loss(
     ref_chosen_logps: torch.Tensor,
     ref_rejected_logps: torch.Tensor,
     *,
-    beta: float = 0.1,
+    beta: float = OBJECTIVE_DEFAULTS["dpo"]["beta"],
 ) -> ObjectiveOutput:
-    """DPO (Rafailov et al., 2023), SPEC.md Eq. 9."""
+    """DPO (Rafailov et al., 2023), docs/objectives.md Eq. 9."""
     _check_shapes(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     logp_w, logp_l, ref_w, ref_l = _upcast(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps.detach(), ref_rejected_logps.detach()
@@ -169,10 +178,10 @@ def simpo_loss(
     chosen_lengths: torch.Tensor,
     rejected_lengths: torch.Tensor,
     *,
-    beta: float = 2.0,
-    gamma: float = 1.0,
+    beta: float = OBJECTIVE_DEFAULTS["simpo"]["beta"],
+    gamma: float = OBJECTIVE_DEFAULTS["simpo"]["gamma"],
 ) -> ObjectiveOutput:
-    """SimPO (Meng et al., 2024), SPEC.md Eq. 8: length-normalized, reference-free, margin gamma."""
+    """SimPO (Meng et al., 2024), docs/objectives.md Eq. 8: length-normalized, reference-free, margin gamma."""
     _check_shapes(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
     logp_w, logp_l = _upcast(policy_chosen_logps, policy_rejected_logps)
     n_w = chosen_lengths.to(logp_w.dtype).clamp(min=1)
@@ -190,7 +199,7 @@ def entropy_surrogate(
     *,
     length_normalize: bool = False,
 ) -> torch.Tensor:
-    """Per-sequence entropy surrogate of SPEC.md "Entropy ablation" (Appendix B.2).
+    """Per-sequence entropy surrogate of docs/objectives.md "Entropy ablation" (Appendix B.2).
 
     ``E = sum_t (H_t + stopgrad(H_t) * c_t)`` with ``c_t`` the exclusive prefix sum of the
     completion's token log-probs. Its gradient is the score-function estimate of the gradient of

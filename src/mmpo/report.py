@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from mmpo.checkpoint import read_metrics
+from mmpo.training.run_dir import read_metrics
 from mmpo.config import ConfigError
 
 METHOD_COLORS = {"MMPO": "tab:blue", "DPO": "tab:orange", "SimPO": "tab:green"}

@@ -59,7 +59,8 @@ from typing import Any
 
 import yaml
 
-from mmpo import checkpoint
+from mmpo.training import checkpoint
+from mmpo.training import run_dir as run_files
 from mmpo.config import (
     OBJECTIVE_DEFAULTS,
     ConfigError,
@@ -72,7 +73,7 @@ from mmpo.config import (
     to_dict,
 )
 from mmpo.evaluation.checkpoint_eval import EvalSettings
-from mmpo.presets import preset_values
+from mmpo.config.presets import preset_values
 
 OBJECTIVES = tuple(OBJECTIVE_DEFAULTS)
 SWEEP_KEYS = ("name", "output_dir", "base", "eval", "evaluate_baseline", "tuning", "experiments")
@@ -344,7 +345,7 @@ def missing_eval_parts(results: dict, settings: EvalSettings) -> list[str]:
 
 def validation_reward_accuracy(run_dir: str | Path) -> float | None:
     """The run's last validation reward accuracy in metrics.jsonl (what tuning selects by)."""
-    evals = [r for r in checkpoint.read_metrics(Path(run_dir) / "metrics.jsonl") if "eval_rewards/accuracies" in r]
+    evals = [r for r in run_files.read_metrics(Path(run_dir) / "metrics.jsonl") if "eval_rewards/accuracies" in r]
     return evals[-1]["eval_rewards/accuracies"] if evals else None
 
 
@@ -590,7 +591,7 @@ def execute_run(run: PlannedRun, sweep_dir: Path, say: Callable[[str], Any] = pr
     """Train (or resume) one run, then evaluate each of its checkpoints that lacks results."""
     if run.kind == "baseline":
         return _execute_baseline(run, sweep_dir, say)
-    from mmpo.engine import train
+    from mmpo.training import train
 
     cfg = run.config
     run_dir = Path(cfg.output_dir)

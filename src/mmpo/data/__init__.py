@@ -1,4 +1,5 @@
-"""Data pipeline: load rows (``loading``), turn them into messages (``formats``), tokenize (``tokenize``)."""
+"""Data pipeline: load rows (``loading``), turn them into messages (``formats``), tokenize (``tokenize``),
+both in one call (``prepare``), and the order examples are trained in (``order``)."""
 
 from mmpo.data.formats import (
     DataError,
@@ -7,6 +8,7 @@ from mmpo.data.formats import (
     normalize_sft_row,
 )
 from mmpo.data.loading import DatasetSpec, load_dataset_rows, load_rows
+from mmpo.data.prepare import load_preference_examples, load_sft_examples
 from mmpo.data.tokenize import (
     DataReport,
     examples_fingerprint,
@@ -22,7 +24,9 @@ __all__ = [
     "PreferenceConversation",
     "examples_fingerprint",
     "load_dataset_rows",
+    "load_preference_examples",
     "load_rows",
+    "load_sft_examples",
     "normalize_preference_row",
     "normalize_sft_row",
     "prepare_preference_examples",

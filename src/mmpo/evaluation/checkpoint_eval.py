@@ -115,7 +115,7 @@ def _generate(model_dir: str, prompts: list[dict], s: EvalSettings, path: Path, 
 
 
 def baseline_outputs(s: EvalSettings, prompts: list[dict], say) -> list[dict]:
-    from mmpo.refcache import default_cache_dir
+    from mmpo.training.refcache import default_cache_dir
 
     cache = default_cache_dir().parent / "generations" / f"{_generation_key(s.baseline, prompts, s)}.json"
     cache.parent.mkdir(parents=True, exist_ok=True)

@@ -13,26 +13,27 @@ import yaml
 from accelerate import Accelerator
 
 from mmpo.config import ConfigError, TrainConfig, from_dict, resolve
-from mmpo.data import DatasetSpec, load_rows, prepare_preference_examples
-from mmpo.engine import evaluate_preference, needs_reference, reference_logps
+from mmpo.data import load_preference_examples
 from mmpo.modeling import load_model, load_tokenizer
+from mmpo.training.preference import PreferenceStep, evaluate_preference, needs_reference, reference_logps, with_model
+from mmpo.training.run_dir import CHECKPOINTS_DIR, CONFIG_FILE, MODEL_DIR
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     """``(model folder, run config file or None)`` for a run folder, checkpoint folder or model folder."""
     path = Path(path)
-    if (path / "checkpoints").is_dir():
-        from mmpo.checkpoint import latest_valid
+    if (path / CHECKPOINTS_DIR).is_dir():
+        from mmpo.training.checkpoint import latest_valid
 
         found = latest_valid(path)
         if found is None:
             raise ConfigError(f"{path} is a run folder without a complete checkpoint")
         path = found
-    if (path / "model").is_dir():
-        config = path / "config.yaml"
-        return path / "model", config if config.is_file() else None
+    if (path / MODEL_DIR).is_dir():
+        config = path / CONFIG_FILE
+        return path / MODEL_DIR, config if config.is_file() else None
     if path.is_dir():
-        for candidate in (path.parent / "config.yaml", path.parent.parent / "config.yaml"):
+        for candidate in (path.parent / CONFIG_FILE, path.parent.parent / CONFIG_FILE):
             if candidate.is_file():
                 return path, candidate
         return path, None
@@ -57,19 +58,18 @@ def reward_accuracy(model_dir: str | Path, cfg: TrainConfig, *, baseline: str | 
     """
     accelerator = Accelerator()
     tokenizer = load_tokenizer(str(model_dir))
-    rows = load_rows([DatasetSpec.parse(d) for d in dataset], seed=cfg.seed)
-    examples, report = prepare_preference_examples(rows, tokenizer, max_prompt_length=cfg.max_prompt_length,
-                                                   max_completion_length=cfg.max_completion_length,
-                                                   on_error=cfg.on_bad_rows)
+    examples, report = load_preference_examples(
+        dataset, tokenizer, seed=cfg.seed, max_prompt_length=cfg.max_prompt_length,
+        max_completion_length=cfg.max_completion_length, on_bad_rows=cfg.on_bad_rows)
     say(f"reward data: {report.summary()}")
-    pad = tokenizer.pad_token_id
+    step = PreferenceStep.from_config(cfg, tokenizer.pad_token_id)
     if needs_reference(cfg):
-        reference = load_model(dataclasses.replace(cfg, model=str(baseline), lora=False))
+        reference = load_model(with_model(cfg, str(baseline)))
         reference.to(accelerator.device)
-        reference_logps(cfg, accelerator, reference, examples, pad, say)
+        reference_logps(cfg, accelerator, reference, examples, step.pad_token_id, say)
         del reference
-    policy = load_model(dataclasses.replace(cfg, model=str(model_dir), lora=False))
+    policy = load_model(with_model(cfg, str(model_dir)))
     policy.to(accelerator.device)
-    metrics = evaluate_preference(cfg, accelerator, policy, examples, pad)
+    metrics = evaluate_preference(step, accelerator, policy, examples)
     return {"objective": cfg.objective, "beta": cfg.beta, "pairs": len(examples),
             "reward_accuracy": metrics["eval_rewards/accuracies"], **metrics}

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from mmpo.config.defaults import WORLD_DIR as ASSETS
+from mmpo.config.defaults import bundled_path
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
-
-
-def bundled_path(relative: str) -> Path:
-    """Path of a shipped world artifact, e.g. ``bundled_path("sft_model")``."""
-    return ASSETS / relative
+__all__ = ["ASSETS", "bundled_path"]

@@ -63,7 +63,7 @@ def run_sft(model, tokenizer, sft_file: Path, val_file: Path, *, epochs: int, lr
     from transformers import AutoModelForCausalLM
 
     from mmpo.config import SFTConfig
-    from mmpo.engine import sft
+    from mmpo.training import sft
 
     cfg = SFTConfig(
         model="(built in memory)", dataset=(str(sft_file),), eval_dataset=(str(val_file),),

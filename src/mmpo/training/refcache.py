@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from mmpo.data.order import length_sorted_batches
+
 CACHE_VERSION = 1
 
 
@@ -25,13 +27,6 @@ def default_cache_dir() -> Path:
 def cache_key(*, model_fingerprint: str, data_fingerprint: str, dtype: str) -> str:
     payload = json.dumps({"v": CACHE_VERSION, "model": model_fingerprint, "data": data_fingerprint, "dtype": dtype})
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
-
-
-def _length_sorted_batches(examples: list[dict], batch_size: int) -> list[list[int]]:
-    # Similar lengths together: less padding, same numbers (padding is masked out).
-    order = sorted(range(len(examples)), key=lambda i: -(len(examples[i]["prompt_ids"]) +
-                                                          max(len(examples[i]["chosen_ids"]), len(examples[i]["rejected_ids"]))))
-    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
@@ -46,7 +41,7 @@ def compute_reference_logps(
 ) -> dict[int, tuple[float, float]]:
     """Summed log-probs ``{index: (chosen, rejected)}`` for this process's share of the examples."""
     results: dict[int, tuple[float, float]] = {}
-    batches = _length_sorted_batches(examples, batch_size)
+    batches = length_sorted_batches(examples, batch_size)
     for batch in batches[rank::world_size]:
         chosen, rejected = logps_fn([examples[i] for i in batch])
         for i, c, r in zip(batch, chosen.tolist(), rejected.tolist()):

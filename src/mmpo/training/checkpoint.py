@@ -10,8 +10,7 @@ resumable. Staging folders (``.tmp-<name>``), checkpoints set aside while being 
 (``.old-<name>``) and checkpoints being pruned (``.trash-<name>``) are dot-folders that are never
 taken for checkpoints; :func:`recover` tidies them up on ``--resume``. Files are flushed to disk
 before the manifest is written and the folder renamed, so a power cut cannot leave a manifest that
-vouches for data that never reached the disk. ``metrics.jsonl`` is read tolerating a line torn by a
-kill and rewritten atomically (:func:`trim_metrics`).
+vouches for data that never reached the disk. File names: ``mmpo.training.run_dir``.
 """
 
 from __future__ import annotations
@@ -23,11 +22,18 @@ import shutil
 import time
 from pathlib import Path
 
-MANIFEST = "manifest.json"
+from mmpo.training.run_dir import (
+    CHECKPOINTS_DIR,
+    MANIFEST_FILE,
+    TRAINER_STATE_FILE,
+    atomic_write_text,
+    fsync_dir,
+)
+
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
 
 
 def _sha256(path: Path, *, flush: bool = False) -> str:
@@ -40,43 +46,19 @@ def _sha256(path: Path, *, flush: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Readers (and a resumed run after a kill) see the old content or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_manifest(folder: Path, trainer_state: dict) -> None:
     files = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
+        if path.is_file() and path.name != MANIFEST_FILE:
             rel = path.relative_to(folder).as_posix()
             files[rel] = {"size": path.stat().st_size, "sha256": _sha256(path, flush=True)}
     manifest = {"created": time.time(), "trainer_state": trainer_state, "files": files}
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1))
 
 
 def verify(folder: Path, *, checksums: bool = True) -> str | None:
     """``None`` if the checkpoint is complete and intact, else the reason it is not."""
-    manifest_path = folder / MANIFEST
+    manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
         return "no manifest (the write did not finish)"
     try:
@@ -108,7 +90,7 @@ def staging_dir(run_dir: str | Path, name: str) -> Path:
 
 def finalize(staging: Path, name: str, trainer_state: dict) -> Path:
     """Write the manifest and move the staging folder into place atomically."""
-    (staging / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    (staging / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
     write_manifest(staging, trainer_state)
     final = staging.parent / name
     if final.exists():
@@ -121,7 +103,7 @@ def finalize(staging: Path, name: str, trainer_state: dict) -> Path:
         shutil.rmtree(aside)
     else:
         os.replace(staging, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
 
 
@@ -140,7 +122,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def _global_step(folder: Path) -> int:
     """The checkpoint's step, or -1 when its trainer state is missing or unreadable (damaged)."""
     try:
-        step = json.loads((folder / "trainer_state.json").read_text()).get("global_step", -1)
+        step = json.loads((folder / TRAINER_STATE_FILE).read_text()).get("global_step", -1)
     except (OSError, ValueError, AttributeError):
         return -1
     return step if isinstance(step, int) else -1
@@ -157,7 +139,7 @@ def latest_valid(run_dir: str | Path, log=print) -> Path | None:
 
 
 def read_trainer_state(folder: Path) -> dict:
-    return json.loads((folder / "trainer_state.json").read_text())
+    return json.loads((folder / TRAINER_STATE_FILE).read_text())
 
 
 def prune_step_checkpoints(run_dir: str | Path, keep: int) -> None:
@@ -194,33 +176,4 @@ def recover(run_dir: str | Path, log=print) -> None:
         log(f"removed leftover {path} from an interrupted run")
     for path in Path(run_dir).glob(".*.tmp*"):  # an interrupted atomic_write_text
         path.unlink(missing_ok=True)
-    _fsync_dir(root)
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a ``metrics.jsonl``; a last line torn by a kill mid-write is ignored."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # only ever the torn tail of an interrupted append
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def trim_metrics(path: str | Path, global_step: int, *, write: bool = True) -> list[dict]:
-    """Keep the records up to ``global_step`` (those of the checkpoint a run resumes from).
-
-    Anything logged after that checkpoint will be logged again by the resumed run, so it is
-    dropped here: the file never holds a step twice. Rewritten atomically when ``write``.
-    """
-    path = Path(path)
-    kept = [r for r in read_metrics(path) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= global_step]
-    if write and path.is_file():
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    return kept
+    fsync_dir(root)

@@ -13,9 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from mmpo.config import ConfigError, SFTConfig, TrainConfig
-from mmpo.engine import sft, step_micro_batches, train
+from mmpo.data import load_preference_examples
+from mmpo.data.order import epoch_order, example_length, step_micro_batches
+from mmpo.modeling import load_tokenizer
+from mmpo.training import sft, train
 
-from conftest import WORDS
+from helpers import WORDS
 
 
 def config(tmp_path, tiny_model_dir, prefs, **overrides) -> TrainConfig:
@@ -132,7 +135,7 @@ def test_micro_batch_layout_is_the_same_across_processes_and_accumulation():
 
 def test_group_by_length_trains_on_steps_of_similar_length(tmp_path, tiny_model_dir, prefs, monkeypatch):
     """The padded path with length grouping: each step's pairs have similar lengths, longest first."""
-    import mmpo.engine as engine
+    import mmpo.training.loop as engine
 
     steps: list[list[int]] = []
     layout = engine.step_micro_batches
@@ -147,14 +150,13 @@ def test_group_by_length_trains_on_steps_of_similar_length(tmp_path, tiny_model_
                  eval_dataset=())
     result = train(cfg)
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.metrics if "loss" in r])))
-    examples, _ = engine.prepare_preference_examples(engine.load_rows([prefs[0]], seed=cfg.seed),
-                                                     engine.load_tokenizer(cfg.model))
-    lengths = [engine.example_length(e) for e in examples]
+    examples, _ = load_preference_examples([prefs[0]], load_tokenizer(cfg.model), seed=cfg.seed)
+    lengths = [example_length(e) for e in examples]
 
     def mean_spread(batches):
         return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
 
-    order = engine.epoch_order(len(examples), cfg.seed, 0)
+    order = epoch_order(len(examples), cfg.seed, 0)
     shuffled = [order[i: i + 8] for i in range(0, len(steps) * 8, 8)]
     assert len(steps) == len(examples) // 8 and len({i for s in steps for i in s}) == len(steps) * 8
     assert mean_spread(steps) < 0.5 * mean_spread(shuffled)
@@ -218,7 +220,7 @@ def test_lora_run_uses_base_as_reference_and_saves_an_adapter(tmp_path, tiny_mod
 
 
 def test_preset_fills_paper_settings_but_explicit_values_win():
-    from mmpo.presets import apply_preset
+    from mmpo.config import apply_preset
 
     cfg = apply_preset(TrainConfig(preset="llama3.2-1b", objective="dpo", epochs=2))
     assert cfg.model == "meta-llama/Llama-3.2-1B-Instruct" and cfg.lora and cfg.lora_r == 64

@@ -14,28 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmpo import checkpoint
-from mmpo.config import ConfigError, TrainConfig
-from mmpo.engine import train
+from helpers import REPO, TESTS_DIR, write_prefs
 
-WORKER = Path(__file__).parent / "scripts" / "train_worker.py"
+from mmpo.config import ConfigError, TrainConfig
+from mmpo.training import checkpoint, run_dir, train
+
+WORKER = TESTS_DIR / "training" / "train_worker.py"
 SCOPES = ("micro", "step")
 COMPARED = ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
             "rewards/margins", "logps/chosen", "logps/rejected", "mmpo/chosen_weight")
-
-
-def write_prefs(path: Path, count: int, seed: int) -> str:
-    import random
-
-    rng = random.Random(seed)
-    words = ["banop", "zorbat", "mipo", "tuvalak", "fox", "dog", "quick", "lazy", "brown", "hello"]
-    with open(path, "w") as handle:
-        for _ in range(count):
-            word = rng.choice(words) + rng.choice(words)
-            rejected = rng.choice(["I am not sure about that, sorry.", f"{word} {word}"])
-            row = {"prompt": f"Repeat the word {word}.", "chosen": word, "rejected": rejected}
-            handle.write(json.dumps(row) + "\n")
-    return str(path)
 
 
 def run_values(tmp_path: Path, model_dir: Path, scope: str, name: str, accumulation: int) -> dict:
@@ -80,8 +67,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
         train(TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in one.items()}))
         run_two, run_one = Path(two["output_dir"]), Path(one["output_dir"])
 
-        records_two = checkpoint.read_metrics(run_two / "metrics.jsonl")
-        records_one = checkpoint.read_metrics(run_one / "metrics.jsonl")
+        records_two = run_dir.read_metrics(run_two / "metrics.jsonl")
+        records_one = run_dir.read_metrics(run_one / "metrics.jsonl")
         assert [r["step"] for r in records_two] == [r["step"] for r in records_one]  # each record written once
         for a, b in zip(records_two, records_one):
             for key in COMPARED + tuple(k for k in b if k.startswith("eval_")):
@@ -105,7 +92,7 @@ def test_a_launch_whose_processes_form_no_group_is_refused(tmp_path, tiny_model_
     """torchrun without ACCELERATE_USE_CPU on a machine without GPUs: N lone processes would each
     train on all the data and write the same files; the engine stops before any work."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = TrainConfig(model=str(tiny_model_dir), dataset=(write_prefs(tmp_path / "t.jsonl", 8, seed=0),),
+    cfg = TrainConfig(model=str(tiny_model_dir), dataset=(str(write_prefs(tmp_path / "t.jsonl", 8, seed=0)),),
                       eval_dataset=(), output_dir=str(tmp_path / "run"), progress=False)
     with pytest.raises(ConfigError, match="launched as 2 processes .* ACCELERATE_USE_CPU=1"):
         train(cfg)
@@ -115,7 +102,7 @@ def test_a_launch_whose_processes_form_no_group_is_refused(tmp_path, tiny_model_
 # --------------------------------------------------------------------------------------------
 # GPU launch configs (no GPU here: checked for form, and the engine's DeepSpeed settings)
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "accelerate"
+CONFIGS = REPO / "configs" / "accelerate"
 
 
 @pytest.mark.parametrize("name, kind", [("multi_gpu", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"),
@@ -141,7 +128,7 @@ def test_deepspeed_takes_batch_size_accumulation_and_clipping_from_the_mmpo_conf
 
     from accelerate.utils import DeepSpeedPlugin
 
-    from mmpo.engine import _configure_deepspeed
+    from mmpo.training.loop import _configure_deepspeed
 
     plugin = DeepSpeedPlugin(zero_stage=2)
     assert plugin.is_auto("train_micro_batch_size_per_gpu")  # what made prepare() fail without a DataLoader

@@ -1,7 +1,7 @@
-"""Tests of the pure objectives against ``/work/shared/SPEC.md`` (MMPO, entropy ablation, DPO, SimPO).
+"""Tests of the pure objectives against docs/objectives.md (MMPO, entropy ablation, DPO, SimPO).
 
 Expected values come from small reference functions below, written with plain Python ``math``
-straight from the SPEC formulas (no torch), so they are independent of the implementation.
+straight from the formulas of docs/objectives.md (no torch), so they are independent of the implementation.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from mmpo.objectives import (
 )
 
 # --------------------------------------------------------------------------------------------
-# Reference formulas in plain Python (SPEC.md), one float per pair.
+# Reference formulas in plain Python (docs/objectives.md), one float per pair.
 # --------------------------------------------------------------------------------------------
 
 
@@ -41,7 +41,7 @@ def ref_logsumexp2(a: float, b: float) -> float:
 
 
 def ref_mmpo(logp_w, logp_l, ref_w, ref_l, *, beta, eps_w, eps_l, normalize, aux, norm_range=None):
-    """SPEC "MMPO" steps 1-6; returns (losses, s_w, s_l) as lists of floats."""
+    """docs/objectives.md "MMPO" steps 1-6; returns (losses, s_w, s_l) as lists of floats."""
     r_w = [eps_w + beta * x for x in ref_w]
     r_l = [eps_l + beta * x for x in ref_l]
     if normalize == "minmax":
@@ -61,7 +61,7 @@ def ref_mmpo(logp_w, logp_l, ref_w, ref_l, *, beta, eps_w, eps_l, normalize, aux
 
 
 def ref_entropy_surrogate(entropies, logps, mask, *, length_normalize):
-    """SPEC "Entropy ablation": E = sum_t (H_t + H_t * c_t) over masked t, c_t exclusive prefix."""
+    """docs/objectives.md "Entropy ablation": E = sum_t (H_t + H_t * c_t) over masked t, c_t exclusive prefix."""
     values = []
     for h_row, lp_row, m_row in zip(entropies, logps, mask):
         total, prefix = 0.0, 0.0
@@ -93,7 +93,7 @@ def assert_values(actual: torch.Tensor, expected: list[float], tol: float) -> No
 
 
 # --------------------------------------------------------------------------------------------
-# 1. Values against the SPEC formulas.
+# 1. Values against the formulas.
 # --------------------------------------------------------------------------------------------
 
 
@@ -117,7 +117,7 @@ def test_mmpo_values_match_spec(dtype, tol, normalize, aux, beta, eps_w, eps_l):
 
 
 def test_mmpo_defaults_are_the_papers():
-    """beta=0.01, eps_w=0.9, eps_l=0.1, minmax, aux on (SPEC "MMPO" hyper-parameters)."""
+    """beta=0.01, eps_w=0.9, eps_l=0.1, minmax, aux on (the MMPO defaults)."""
     out = mmpo_loss(t(LOGP_W), t(LOGP_L), t(REF_W), t(REF_L))
     losses, _, _ = ref_mmpo(
         LOGP_W, LOGP_L, REF_W, REF_L, beta=0.01, eps_w=0.9, eps_l=0.1, normalize="minmax", aux=True
@@ -182,7 +182,7 @@ def test_minmax_range_of_prior_rewards_feeds_norm_range():
 
 
 def test_mmpo_with_aux_term_reduces_to_minus_chosen_score():
-    """A property of the SPEC formula: logsigmoid(a - b) = a - logsumexp([a, b]), so
+    """A property of the formula: logsigmoid(a - b) = a - logsumexp([a, b]), so
     -logsumexp([s_w, s_l]) - logsigmoid(s_w - s_l) == -s_w exactly. With aux_loss=True the
     rejected completion gets no gradient at all (reported to the lead)."""
     logp_w, logp_l = t(LOGP_W, requires_grad=True), t(LOGP_L, requires_grad=True)

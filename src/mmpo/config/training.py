@@ -1,7 +1,7 @@
 """Run configurations: dataclasses that the CLI is generated from, YAML loading and validation.
 
 Every field has a one-line docstring; ``mmpo train --help`` shows them. Fields left ``None``
-take the objective's default (SPEC.md) when the config is resolved.
+take the objective's default (``mmpo.config.defaults``) when the config is resolved.
 """
 
 from __future__ import annotations
@@ -17,15 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
-from mmpo.world import bundled_path
-
-OBJECTIVE_DEFAULTS: dict[str, dict[str, float]] = {
-    # beta per SPEC.md; learning rates are those the embedded world was calibrated with.
-    "mmpo": {"beta": 0.01, "learning_rate": 5e-4},
-    "dpo": {"beta": 0.1, "learning_rate": 5e-4},
-    "simpo": {"beta": 2.0, "learning_rate": 1e-4},
-}
-LORA_ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from mmpo.config.defaults import LORA_ALL_PROJECTIONS, OBJECTIVE_DEFAULTS, SFT_LEARNING_RATE, bundled_path
 
 
 class ConfigError(ValueError):
@@ -47,7 +39,7 @@ class CommonConfig:
     max_steps: int = -1
     """Stop after this many optimizer steps (-1: run all epochs)."""
     learning_rate: float | None = None
-    """Peak learning rate (default: the objective's, see `mmpo.config.OBJECTIVE_DEFAULTS`)."""
+    """Peak learning rate (default: the objective's, see `mmpo.config.defaults.OBJECTIVE_DEFAULTS`)."""
     per_device_batch_size: int = 8
     """Examples (pairs, for preference training) per device per micro-batch."""
     gradient_accumulation_steps: int = 1
@@ -119,7 +111,7 @@ class SFTConfig(CommonConfig):
     """Validation chat datasets, same form (empty: no validation)."""
     output_dir: str = "runs/sft"
     """Run folder."""
-    learning_rate: float | None = 1e-3
+    learning_rate: float | None = SFT_LEARNING_RATE
     """Peak learning rate."""
     max_length: int = 1024
     """Truncate conversations to this many tokens (from the right)."""
@@ -139,9 +131,9 @@ class TrainConfig(CommonConfig):
     """Validation preference datasets, same form (empty: no validation)."""
     beta: float | None = None
     """Objective temperature (default: MMPO 0.01, DPO 0.1, SimPO 2.0)."""
-    chosen_reward: float = 0.9
+    chosen_reward: float = OBJECTIVE_DEFAULTS["mmpo"]["chosen_reward"]
     """MMPO eps_w: prior reward offset of the chosen completion."""
-    rejected_reward: float = 0.1
+    rejected_reward: float = OBJECTIVE_DEFAULTS["mmpo"]["rejected_reward"]
     """MMPO eps_l: prior reward offset of the rejected completion."""
     normalize: Literal["minmax", "none"] = "minmax"
     """MMPO in-batch normalization of prior rewards ('none' is the ablation)."""
@@ -153,7 +145,7 @@ class TrainConfig(CommonConfig):
     """Use per-token mean log-probs instead of sums (ablation; SimPO always uses means)."""
     entropy_coef: float = 0.0
     """Weight of the entropy surrogate subtracted from the loss (ablation; the paper uses beta)."""
-    gamma: float = 1.0
+    gamma: float = OBJECTIVE_DEFAULTS["simpo"]["gamma"]
     """SimPO target margin."""
     max_prompt_length: int = 1800
     """Truncate prompts from the left to this many tokens."""
@@ -170,7 +162,7 @@ class TrainConfig(CommonConfig):
 
 def resolve(cfg: CommonConfig) -> CommonConfig:
     """Fill objective-dependent defaults (beta, learning rate) and check every value."""
-    check_types(cfg)
+    check_types(cfg)  # before reading values whose type may be wrong (YAML strings)
     updates: dict[str, Any] = {}
     if isinstance(cfg, TrainConfig):
         defaults = OBJECTIVE_DEFAULTS[cfg.objective]
@@ -179,7 +171,7 @@ def resolve(cfg: CommonConfig) -> CommonConfig:
         if cfg.learning_rate is None:
             updates["learning_rate"] = defaults["learning_rate"]
     elif cfg.learning_rate is None:
-        updates["learning_rate"] = 1e-4
+        updates["learning_rate"] = SFT_LEARNING_RATE
     cfg = dataclasses.replace(cfg, **updates)
     validate(cfg)
     return cfg
@@ -220,7 +212,7 @@ def check_types(cfg: CommonConfig) -> None:
 
 
 def validate(cfg: CommonConfig) -> None:
-    check_types(cfg)
+    """Range checks of a config whose types are already checked (``resolve`` does both)."""
 
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
@@ -241,7 +233,6 @@ def validate(cfg: CommonConfig) -> None:
     need(bool(cfg.dataset), "dataset", "needs at least one dataset")
     need(cfg.chat_template_path is None or Path(cfg.chat_template_path).is_file(), "chat_template_path",
          "no such file")
-    need(cfg.logits_chunk_size >= 0, "logits_chunk_size", "must be >= 0 (0: no chunking)")  # forward pass (speed)
     for tracker in cfg.report_to:
         need(tracker in ("tensorboard", "wandb", "mlflow"), "report_to", "trackers are tensorboard, wandb, mlflow")
     if isinstance(cfg, TrainConfig):

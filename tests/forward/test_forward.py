@@ -17,8 +17,11 @@ import warnings
 import pytest
 import torch
 
-import mmpo.forward as fw
-from mmpo.forward import ForwardOptions, preference_logps, score_hidden, sft_loss
+import mmpo.forward.logps as logps_module
+from mmpo.data.order import length_grouped_order
+from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps, score_hidden, sft_loss
+from mmpo.forward import attention
+from mmpo.forward import layout as layouts
 from mmpo.objectives import dpo_loss, mmpo_loss, simpo_loss
 from mmpo.world.model import build_tiny_llama
 from mmpo.world.tokenizer import END
@@ -72,7 +75,7 @@ def sensitive_llama(tokenizer, kernel: str = "sdpa", seed: int = 0):
     return model
 
 
-def objective_loss(name: str, logps: fw.PreferenceLogps) -> torch.Tensor:
+def objective_loss(name: str, logps: PreferenceLogps) -> torch.Tensor:
     batch = logps.chosen_logps.shape[0]
     ref_w = torch.linspace(-40.0, -10.0, batch)
     ref_l = torch.linspace(-35.0, -20.0, batch)
@@ -107,7 +110,7 @@ def assert_grads_close(got: dict, want: dict, rel: float = 1e-4) -> None:
         assert err <= rel * scale, f"{name}: max |grad diff| {err:.3g} > {rel} x {scale:.3g}"
 
 
-def assert_logps_close(got: fw.PreferenceLogps, want: fw.PreferenceLogps) -> None:
+def assert_logps_close(got: PreferenceLogps, want: PreferenceLogps) -> None:
     for field in ("chosen_logps", "rejected_logps"):
         torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-5)
     assert got.chosen_lengths.tolist() == want.chosen_lengths.tolist()
@@ -195,9 +198,9 @@ def test_a_wrong_mask_is_caught(tokenizer, monkeypatch):
     model = sensitive_llama(tokenizer)
     examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
     want = preference_logps(model, examples, pad_token_id=pad)
-    correct_mask = fw._block_mask
-    monkeypatch.setattr(fw, "_block_mask", lambda segment, branch, kind: correct_mask(segment, branch * 0, kind))
-    got = fw._fast_preference_logps(model, examples, FAST_OPTIONS["shared-prompt"], "mask", pad_token_id=pad,
+    correct_mask = layouts.block_mask
+    monkeypatch.setattr(layouts, "block_mask", lambda segment, branch, kind: correct_mask(segment, branch * 0, kind))
+    got = logps_module.fast_preference_logps(model, examples, FAST_OPTIONS["shared-prompt"], "mask", pad_token_id=pad,
                                     compute_entropy=False, length_normalize=False)
     torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)  # chosen unaffected
     assert float((got.rejected_logps - want.rejected_logps).detach().abs().max()) > 1e-2
@@ -209,8 +212,8 @@ def test_a_wrong_mask_is_caught(tokenizer, monkeypatch):
 
 def test_shared_prompt_layout_positions_and_visibility():
     # prompt [11, 12], chosen [21, 22], rejected [31]
-    unit = fw._shared_prompt_unit([11, 12], [21, 22], [31], pair=0, num_pairs=1)
-    layout = fw._build_layout([unit], [[0]], pad_token_id=0, device="cpu", mask_kind="bool", segmented=False)
+    unit = layouts.shared_prompt_unit([11, 12], [21, 22], [31], pair=0, num_pairs=1)
+    layout = layouts.build_layout([unit], [[0]], pad_token_id=0, device="cpu", mask_kind="bool", segmented=False)
     assert layout.input_ids.tolist() == [[11, 12, 21, 22, 31]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
     sees = layout.attention_mask[0, 0].int().tolist()
@@ -223,9 +226,9 @@ def test_shared_prompt_layout_positions_and_visibility():
 
 
 def test_packing_puts_sequences_side_by_side_without_crosstalk():
-    units = [fw._sequence_unit([1, 2, 3, 4], [-100, 2, 3, 4], 0), fw._sequence_unit([5, 6], [-100, 6], 1),
-             fw._sequence_unit([7, 8], [-100, 8], 2)]
-    layout = fw._build_layout(units, [[0], [1, 2]], pad_token_id=0, device="cpu", mask_kind=torch.float32)
+    units = [layouts.sequence_unit([1, 2, 3, 4], [-100, 2, 3, 4], 0), layouts.sequence_unit([5, 6], [-100, 6], 1),
+             layouts.sequence_unit([7, 8], [-100, 8], 2)]
+    layout = layouts.build_layout(units, [[0], [1, 2]], pad_token_id=0, device="cpu", mask_kind=torch.float32)
     assert layout.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
     mask = layout.attention_mask[1, 0]
@@ -236,13 +239,13 @@ def test_packing_puts_sequences_side_by_side_without_crosstalk():
 def test_row_assignment_trades_padding_against_attention():
     lengths = [9, 3, 5, 4, 2, 6]
     for ratio in (0.0, 0.01, 1.0):
-        rows = fw._assign_rows(lengths, packing=True, attention_ratio=ratio)
+        rows = layouts.assign_rows(lengths, packing=True, attention_ratio=ratio)
         assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     # attention free: one row, no padding at all
-    assert fw._assign_rows(lengths, packing=True, attention_ratio=0.0) == [[0, 5, 2, 3, 1, 4]]
+    assert layouts.assign_rows(lengths, packing=True, attention_ratio=0.0) == [[0, 5, 2, 3, 1, 4]]
     # attention dear: rows no wider than the longest unit, first-fit decreasing: 9 | 6+3 | 5+4 | 2
-    assert fw._assign_rows(lengths, packing=True, attention_ratio=1.0) == [[0], [5, 1], [2, 3], [4]]
-    assert fw._assign_rows(lengths, packing=False) == [[i] for i in range(len(lengths))]
+    assert layouts.assign_rows(lengths, packing=True, attention_ratio=1.0) == [[0], [5, 1], [2, 3], [4]]
+    assert layouts.assign_rows(lengths, packing=False) == [[i] for i in range(len(lengths))]
 
 
 def test_length_grouped_order_cuts_padding_and_stays_a_shuffle():
@@ -255,12 +258,12 @@ def test_length_grouped_order_cuts_padding_and_stays_a_shuffle():
         return sum(max(lengths[i] for i in order[s: s + batch]) * len(order[s: s + batch]) -
                    sum(lengths[i] for i in order[s: s + batch]) for s in range(0, len(order), batch))
 
-    grouped = fw.length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
+    grouped = length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
     shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
     assert sorted(grouped) == list(range(len(lengths)))
     assert padding(grouped) < 0.2 * padding(shuffled)
-    assert grouped == fw.length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
-    assert grouped != fw.length_grouped_order(lengths, seed=0, epoch=1, batch_size=batch, group_batches=10)
+    assert grouped == length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
+    assert grouped != length_grouped_order(lengths, seed=0, epoch=1, batch_size=batch, group_batches=10)
     firsts = [max(lengths[i] for i in grouped[s: s + batch]) for s in range(0, len(grouped), batch)]
     assert firsts != sorted(firsts, reverse=True)  # batches are shuffled, not longest-first
 
@@ -335,7 +338,7 @@ def test_model_that_rejects_4d_masks_falls_back_with_one_warning(tokenizer):
     model.forward = no_4d_masks
     examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
     want = preference_logps(model, examples, pad_token_id=pad)
-    fw._warned.clear()
+    logps_module._warned.clear()
     with pytest.warns(RuntimeWarning, match="not exact for this model.*only takes 2D"):
         got = preference_logps(model, examples, pad_token_id=pad, options=ForwardOptions())
     assert_logps_close(got, want)
@@ -354,7 +357,7 @@ def test_model_that_ignores_our_masks_and_plans_is_detected_by_the_probe(tokeniz
 
     model.forward = ignoring
     examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
-    fw._warned.clear()
+    logps_module._warned.clear()
     with pytest.warns(RuntimeWarning, match="differ from the padded path"):
         got = preference_logps(model, examples, pad_token_id=pad, options=ForwardOptions())
     assert_logps_close(got, preference_logps(model, examples, pad_token_id=pad))
@@ -363,31 +366,31 @@ def test_model_that_ignores_our_masks_and_plans_is_detected_by_the_probe(tokeniz
 def test_attention_mode_per_kernel(tokenizer):
     model = sensitive_llama(tokenizer, "sdpa")
     pad = tokenizer.pad_token_id
-    assert fw._choose_attention(model, ForwardOptions(), pad, 50) == "segmented"
-    assert fw._choose_attention(model, ForwardOptions(segmented_attention=False), pad, 50) == "mask"
-    assert fw._choose_attention(model, ForwardOptions(share_prompt=False, packing=False), pad, 50) == "padded"
-    assert fw._choose_attention(sensitive_llama(tokenizer, "eager"), ForwardOptions(), pad, 50) == "mask"
+    assert logps_module.choose_attention(model, ForwardOptions(), pad, 50) == "segmented"
+    assert logps_module.choose_attention(model, ForwardOptions(segmented_attention=False), pad, 50) == "mask"
+    assert logps_module.choose_attention(model, ForwardOptions(share_prompt=False, packing=False), pad, 50) == "padded"
+    assert logps_module.choose_attention(sensitive_llama(tokenizer, "eager"), ForwardOptions(), pad, 50) == "mask"
     model.config._attn_implementation = "flash_attention_2"  # decided before the model runs
-    fw._warned.clear()
+    logps_module._warned.clear()
     with pytest.warns(RuntimeWarning, match="cannot take the shared-prompt"):
-        assert fw._choose_attention(model, ForwardOptions(), pad, 50) == "padded"
+        assert logps_module.choose_attention(model, ForwardOptions(), pad, 50) == "padded"
 
 
 def test_segmented_attention_equals_dense_masked_attention():
     """Per-block sdpa calls give what one sdpa call with the dense 4D mask gives, padding aside."""
-    units = [fw._shared_prompt_unit([1, 2, 3], [4, 5], [6, 7, 8, 9], 0, 3),
-             fw._sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
-             fw._shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3)]
+    units = [layouts.shared_prompt_unit([1, 2, 3], [4, 5], [6, 7, 8, 9], 0, 3),
+             layouts.sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
+             layouts.shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3)]
     rows = [[0, 2], [1]]
-    segmented = fw._build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=True)
-    dense = fw._build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=False)
+    segmented = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=True)
+    dense = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=False)
     assert torch.equal(segmented.position_ids, dense.position_ids)
     torch.manual_seed(0)
     width = dense.input_ids.shape[1]
     query = torch.randn(2, 4, width, 8, dtype=torch.float64, requires_grad=True)
     key, value = torch.randn(2, 2, width, 8, dtype=torch.float64), torch.randn(2, 2, width, 8, dtype=torch.float64)
-    fw._install_segmented_attention()
-    got, _ = fw._sdpa_or_segmented(None, query, key, value, segmented.attention_mask, scaling=0.3,
+    attention.install_segmented_attention()
+    got, _ = attention.sdpa_or_segmented(None, query, key, value, segmented.attention_mask, scaling=0.3,
                                    mmpo_attention_plan=segmented.plan)
     want = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense.attention_mask,
                                                             scale=0.3, enable_gqa=True).transpose(1, 2)

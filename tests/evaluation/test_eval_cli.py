@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from mmpo.config import ConfigError, TrainConfig
-from mmpo.engine import train
+from mmpo.training import train
 from mmpo.evaluation.checkpoint_eval import EvalSettings, evaluate_checkpoint, summary_lines
 
-from conftest import WORDS
+from helpers import WORDS
 
 
 @pytest.fixture()

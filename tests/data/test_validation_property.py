@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from mmpo.config import ConfigError, SFTConfig, TrainConfig, from_dict, load_yaml, resolve
 from mmpo.data import DataError, load_rows, prepare_preference_examples, prepare_sft_examples
-from mmpo.engine import train
+from mmpo.training import train
 from mmpo.forward import pad_sequences
 
 GOOD = {"prompt": "Repeat the word banop.", "chosen": "banop", "rejected": "I am not sure."}
@@ -215,10 +215,10 @@ def test_bad_file_gets_a_data_error_naming_the_file(tmp_path, name, content, fra
 
 
 def test_empty_training_file_stops_before_the_model_is_loaded(tmp_path, tiny_model_dir, monkeypatch):
-    import mmpo.engine
+    import mmpo.training.preference as preference
 
     (tmp_path / "empty.jsonl").write_text("")
-    monkeypatch.setattr(mmpo.engine, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(preference, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     cfg = TrainConfig(model=str(tiny_model_dir), dataset=(str(tmp_path / "empty.jsonl"),), eval_dataset=(),
                       output_dir=str(tmp_path / "run"), progress=False)
     with pytest.raises(ConfigError, match="no usable training examples: preference data: 0 rows in"):

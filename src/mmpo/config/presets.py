@@ -1,4 +1,4 @@
-"""The paper's training settings (SPEC.md "Training protocol", Table 3) as presets.
+"""The paper's training settings (docs/objectives.md "Training protocol", Table 3) as presets.
 
 A preset fills every setting that is still at its default; whatever you set yourself (in YAML or
 on the command line) wins. Learning rate and SimPO's gamma depend on the objective.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from mmpo.config import ConfigError, TrainConfig
+from mmpo.config.defaults import LORA_ALL_PROJECTIONS
+from mmpo.config.training import ConfigError, TrainConfig
 
 PAPER_TRAIN_DATA = ("HuggingFaceH4/orca_dpo_pairs:train_prefs", "HuggingFaceH4/ultrafeedback_binarized:train_prefs")
 PAPER_EVAL_DATA = ("HuggingFaceH4/orca_dpo_pairs:test_prefs", "HuggingFaceH4/ultrafeedback_binarized:test_prefs")
@@ -44,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "learning_rate": {"mmpo": 5e-4, "dpo": 5e-4, "simpo": 5e-4},
         "gamma": {"simpo": 1.0},
         "lora": True, "lora_r": 64, "lora_alpha": 64, "lora_dropout": 0.01,
-        "lora_target_modules": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        "lora_target_modules": LORA_ALL_PROJECTIONS,
         "optimizer": "adamw_8bit",
     },
     "llama3-8b": {

@@ -18,25 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmpo import checkpoint
+from helpers import TESTS_DIR, save_tiny_model, write_chat, write_prefs
+
 from mmpo.config import SFTConfig, TrainConfig
-from mmpo.engine import TrainingError, sft, train
+from mmpo.training import TrainingError, checkpoint, run_dir, sft, train
 
-WORKER = Path(__file__).parent / "scripts" / "train_worker.py"
-WORDS = ["banop", "zorbat", "mipo", "tuvalak", "fox", "dog", "quick", "lazy", "brown", "hello"]
-
-
-def write_prefs(path: Path, count: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w") as handle:
-        for _ in range(count):
-            word = rng.choice(WORDS) + rng.choice(WORDS)
-            row = {"prompt": f"Repeat the word {word}.", "chosen": word,
-                   "rejected": rng.choice(["I am not sure about that, sorry.", f"{word} {word} {word}"])}
-            handle.write(json.dumps(row) + "\n")
-    return path
-
-
+WORKER = TESTS_DIR / "training" / "train_worker.py"
 def run_config(tmp_path: Path, model_dir: Path, **overrides) -> dict:
     """Plain values of a small MMPO run: 32 pairs, global batch 8 (4 x accumulation 2), 4 steps per epoch."""
     data = tmp_path / "data"
@@ -68,12 +55,12 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def train_records(run: Path) -> list[dict]:
-    return [r for r in checkpoint.read_metrics(run / "metrics.jsonl") if "loss" in r]
+    return [r for r in run_dir.read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
 def assert_run_folder_usable(run: Path) -> None:
     """What a resume needs: readable metrics, and only complete checkpoints or dot-folders."""
-    checkpoint.read_metrics(run / "metrics.jsonl")
+    run_dir.read_metrics(run / "metrics.jsonl")
     for path in checkpoint.list_checkpoints(run):
         assert checkpoint.verify(path) is None, f"{path} is a visible but damaged checkpoint"
 
@@ -88,7 +75,7 @@ def forkserver():
     context = multiprocessing.get_context("forkserver")
     if str(WORKER.parent) not in sys.path:
         sys.path.insert(0, str(WORKER.parent))
-    context.set_forkserver_preload(["train_worker", "mmpo.engine"])
+    context.set_forkserver_preload(["train_worker", "mmpo.training"])
     return context
 
 
@@ -205,7 +192,7 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path, tin
     for a, b in zip(got, want):
         for key in ("loss", "grad_norm", "learning_rate", "rewards/margins"):
             assert a[key] == b[key], (a["step"], key, note)
-    evals = [r["step"] for r in checkpoint.read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
+    evals = [r["step"] for r in run_dir.read_metrics(run / "metrics.jsonl") if "eval_loss" in r]
     assert evals == [0, 4, 8, 12], note
 
 
@@ -306,10 +293,10 @@ def test_torn_metrics_line_is_dropped_and_the_file_rewritten_whole(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"step": 0, "eval_loss": 0.7}, {"step": 1, "loss": 0.69}, {"step": 2, "loss": 0.68}]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 3, "lo')  # killed mid-append
-    assert checkpoint.read_metrics(path) == records
-    assert checkpoint.trim_metrics(path, 1) == records[:2]
+    assert run_dir.read_metrics(path) == records
+    assert run_dir.trim_metrics(path, 1) == records[:2]
     assert path.read_text() == "".join(json.dumps(r) + "\n" for r in records[:2])
-    assert checkpoint.trim_metrics(path, -1) == [] and path.read_text() == ""
+    assert run_dir.trim_metrics(path, -1) == [] and path.read_text() == ""
 
 
 def test_manifest_that_is_valid_json_of_the_wrong_shape_is_a_reason_not_a_crash(tmp_path):
@@ -325,24 +312,9 @@ def test_manifest_that_is_valid_json_of_the_wrong_shape_is_a_reason_not_a_crash(
 # Exact resume mid-epoch: optimizer, scheduler, accumulation position, RNG
 
 
-def write_chat(path: Path, count: int) -> Path:
-    with open(path, "w") as handle:
-        for i in range(count):
-            word = WORDS[i % len(WORDS)] + WORDS[(i * 3) % len(WORDS)]
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Repeat the word {word}."},
-                                                  {"role": "assistant", "content": word}]}) + "\n")
-    return path
-
-
 def test_mid_epoch_resume_restores_optimizer_scheduler_accumulation_and_rng(tmp_path, tokenizer):
     """SFT with dropout on: the resumed run only matches if the RNG state is restored as well."""
-    from mmpo.world.model import build_tiny_llama
-
-    model_dir = tmp_path / "dropout_model"
-    model = build_tiny_llama(tokenizer, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    model.config.attention_dropout = 0.3
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tokenizer, tmp_path / "dropout_model", attention_dropout=0.3)
     cfg = SFTConfig(model=str(model_dir), dataset=(str(write_chat(tmp_path / "chat.jsonl", 24)),), eval_dataset=(),
                     output_dir=str(tmp_path / "a"), per_device_batch_size=2, gradient_accumulation_steps=2,
                     save_steps=1, learning_rate=1e-2, warmup_ratio=0.3, progress=False, logging_steps=1)
@@ -380,9 +352,9 @@ def test_mid_epoch_resume_restores_optimizer_scheduler_accumulation_and_rng(tmp_
 def poison_policy_logps(monkeypatch, poison_ids: set[str]) -> None:
     """Training forward passes return -inf chosen log-probs for the poisoned pairs (as an fp16
     overflow would); the reference pass (eval mode) is left alone."""
-    import mmpo.engine
+    import mmpo.training.preference as preference
 
-    real = mmpo.engine.preference_logps
+    real = preference.preference_logps
 
     def poisoned(model, examples, **kwargs):
         out = real(model, examples, **kwargs)
@@ -392,13 +364,13 @@ def poison_policy_logps(monkeypatch, poison_ids: set[str]) -> None:
             out = dataclasses.replace(out, chosen_logps=out.chosen_logps * scale)
         return out
 
-    monkeypatch.setattr(mmpo.engine, "preference_logps", poisoned)
+    monkeypatch.setattr(preference, "preference_logps", poisoned)
 
 
 def poison_reference_logps(monkeypatch, poison_ids: set[str]) -> None:
     """Cached reference log-probs of +inf for the poisoned pairs: DPO's loss is then +inf while its
     gradient stays finite (the log-sigmoid saturates), so only a loss check catches it."""
-    from mmpo import refcache
+    from mmpo.training import refcache
 
     real = refcache.attach
 
@@ -414,7 +386,7 @@ def poison_reference_logps(monkeypatch, poison_ids: set[str]) -> None:
 def steps_containing(values: dict, ids: set[str]) -> list[int]:
     """Which optimizer steps see one of ``ids``, from the engine's own data order."""
     from mmpo.data import DatasetSpec, load_rows, prepare_preference_examples
-    from mmpo.engine import epoch_order, step_micro_batches
+    from mmpo.data.order import epoch_order, step_micro_batches
     from mmpo.modeling import load_tokenizer
 
     cfg = make_config(values)
@@ -475,7 +447,7 @@ def test_persistent_nonfinite_stops_with_a_clear_message_and_writes_no_bad_weigh
     for path in saved:
         for key, tensor in load_file(path / "model" / "model.safetensors").items():
             assert torch.equal(tensor, initial[key]), (path.name, key)  # never stepped on a bad gradient
-    assert len([r for r in checkpoint.read_metrics(run / "metrics.jsonl") if r.get("event")]) == 10
+    assert len([r for r in run_dir.read_metrics(run / "metrics.jsonl") if r.get("event")]) == 10
     assert not (run / "summary.json").exists()
 
 

@@ -1,4 +1,4 @@
-"""Run ``mmpo.engine.train`` from a JSON job file, deterministically, for the subprocess tests.
+"""Run ``mmpo.training.train`` from a JSON job file, deterministically, for the subprocess tests.
 
     python tests/scripts/train_worker.py JOB.json            # one process
     torchrun --nproc_per_node 2 tests/scripts/train_worker.py JOB.json
@@ -97,7 +97,7 @@ def main(job_path: str) -> None:
     from accelerate import PartialState
 
     from mmpo.config import TrainConfig
-    from mmpo.engine import train
+    from mmpo.training import train
 
     results = []
     world_sizes = []

@@ -1,0 +1,330 @@
+"""The training loop on Accelerate, shared by preference training and SFT; read ``run`` top to bottom.
+
+A recipe (``Recipe``) supplies the examples, a function that turns a micro-batch into a loss and
+metrics, and an evaluation function; the loop does the rest: data order (``mmpo.data.order``),
+accumulation, clipping, the schedule, skipped non-finite steps, metrics, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object
+from transformers import get_cosine_schedule_with_warmup
+
+from mmpo.config import CommonConfig, ConfigError
+from mmpo.data.order import step_micro_batches, training_order
+from mmpo.training import checkpoint
+from mmpo.training.run_dir import CONFIG_FILE, MODEL_DIR, STATE_DIR, MetricsLog, RunDir, trim_metrics, write_config
+
+MAX_CONSECUTIVE_NONFINITE = 10
+SCHEDULER_FILE = "mmpo_scheduler.pt"
+
+#: A micro-batch step: (model, its examples, all examples of the optimizer step) -> (loss, per-example metrics, tokens).
+MicroStep = Callable[[torch.nn.Module, list[dict], list[dict]], tuple[torch.Tensor, dict[str, torch.Tensor], int]]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss keeps being NaN); the last good checkpoint is kept."""
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    global_step: int
+    metrics: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    """What differs between preference training and SFT."""
+
+    name: str
+    train_examples: list[dict]
+    micro_step: MicroStep
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None
+
+
+def make_accelerator(cfg: CommonConfig) -> Accelerator:
+    plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
+    accelerator = Accelerator(
+        gradient_accumulation_plugin=plugin, log_with=list(cfg.report_to) or None, project_dir=cfg.output_dir
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        # e.g. torchrun on a machine without GPUs: Accelerate forms no group unless told to use the CPU,
+        # and every process would train alone on all the data, writing the same files.
+        raise ConfigError(
+            f"launched as {launched} processes (WORLD_SIZE) but Accelerate formed a group of "
+            f"{accelerator.num_processes}; without GPUs set ACCELERATE_USE_CPU=1 for a CPU (gloo) group"
+        )
+    return accelerator
+
+
+def prepare_run_dir(cfg: CommonConfig, accelerator: Accelerator) -> RunDir:
+    run_dir = RunDir(cfg.output_dir)
+    run_dir.check_start(cfg)
+    if accelerator.is_main_process:
+        run_dir.start(cfg)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def build_optimizer(cfg: CommonConfig, model: torch.nn.Module, accelerator: Accelerator) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw_8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConfigError("optimizer 'adamw_8bit' needs bitsandbytes: pip install 'mmpo[eightbit]'") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # The fused kernel (CPU and CUDA) does the same update as the default multi-tensor one in one
+    # pass over memory: 5x faster on CPU at 135M parameters (1.1 s -> 0.2 s a step). DeepSpeed and
+    # FSDP manage their parameters themselves, so they keep torch's default.
+    fused = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def save_checkpoint(accelerator, model, tokenizer, cfg, name: str, trainer_state: dict, scheduler) -> Path | None:
+    run_dir = Path(cfg.output_dir)
+    staging = checkpoint.staging_dir(run_dir, name) if accelerator.is_main_process else None
+    staging = Path(gather_object([str(staging)])[0]) if accelerator.num_processes > 1 else staging
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging / STATE_DIR), safe_serialization=True)
+    accelerator.wait_for_everyone()  # every rank's RNG state file is written before the manifest
+    if accelerator.is_main_process:
+        torch.save(scheduler.state_dict(), staging / STATE_DIR / SCHEDULER_FILE)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(
+            staging / MODEL_DIR, safe_serialization=True, state_dict=accelerator.get_state_dict(model)
+        )
+        tokenizer.save_pretrained(staging / MODEL_DIR)
+        write_config(cfg, staging / CONFIG_FILE)
+        final = checkpoint.finalize(staging, name, trainer_state)
+    else:
+        accelerator.get_state_dict(model)  # collective under ZeRO-3/FSDP: every rank must call it
+        final = None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _resume(cfg, accelerator, run_dir: RunDir, scheduler, log: MetricsLog) -> int:
+    """Load the newest complete checkpoint (if any) and return its global step."""
+    if accelerator.is_main_process:
+        checkpoint.recover(run_dir.path, log=accelerator.print)  # leftovers of a killed run
+    accelerator.wait_for_everyone()
+    found = checkpoint.latest_valid(run_dir.path, log=accelerator.print)
+    global_step = 0
+    if found is not None:
+        accelerator.load_state(str(found / STATE_DIR))
+        scheduler.load_state_dict(torch.load(found / STATE_DIR / SCHEDULER_FILE, weights_only=True))
+        global_step = checkpoint.read_trainer_state(found)["global_step"]
+        accelerator.print(f"resumed from {found} at step {global_step}")
+    else:
+        accelerator.print(f"--resume: no complete checkpoint in {run_dir.path}, starting from the beginning")
+    # Records after the checkpoint (or all, with none) are logged again by this run: drop them.
+    log.records = trim_metrics(run_dir.metrics, global_step if found else -1, write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    return global_step
+
+
+def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: Recipe) -> RunResult:
+    run_dir = RunDir(cfg.output_dir)
+    examples = recipe.train_examples
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.per_device_batch_size * world * cfg.gradient_accumulation_steps
+    steps_per_epoch = len(examples) // global_batch
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"the global batch ({global_batch} examples) is larger than the training data "
+            f"({len(examples)} examples): lower per_device_batch_size or gradient_accumulation_steps"
+        )
+    total_steps = steps_per_epoch * cfg.epochs
+    if cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    optimizer = build_optimizer(cfg, model, accelerator)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    _configure_deepspeed(accelerator, cfg)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    log = MetricsLog(run_dir.metrics, accelerator.is_main_process)
+    global_step = _resume(cfg, accelerator, run_dir, scheduler, log) if cfg.resume else 0
+
+    if global_step == 0 and recipe.evaluate is not None:
+        log.write({"step": 0, "epoch": 0.0, **recipe.evaluate(model)})
+
+    progress = None
+    if cfg.progress and accelerator.is_local_main_process:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=total_steps, initial=global_step, desc=f"{recipe.name}", dynamic_ncols=True)
+
+    nonfinite_total, nonfinite_run = 0, 0
+    window: dict[str, list[float]] = {}
+    window_tokens, window_start = 0, time.perf_counter()
+    model.train()
+    order_epoch, order = -1, []
+    while global_step < total_steps:
+        epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
+        if epoch != order_epoch:  # once per epoch (also right after a mid-epoch resume)
+            order_epoch = epoch
+            order = training_order(
+                examples, seed=cfg.seed, epoch=epoch, global_batch=global_batch, group_by_length=cfg.group_by_length
+            )
+        micro_batches, step_indices = step_micro_batches(
+            order,
+            step_in_epoch,
+            per_device=cfg.per_device_batch_size,
+            accumulation=cfg.gradient_accumulation_steps,
+            world_size=world,
+            rank=rank,
+        )
+        step_examples = [examples[i] for i in step_indices]
+        step_metrics: dict[str, list[torch.Tensor]] = {}
+        tokens = torch.zeros((), device=accelerator.device)
+        loss_values = []
+        for micro in micro_batches:
+            with accelerator.accumulate(model):
+                loss, metrics, num_tokens = recipe.micro_step(model, [examples[i] for i in micro], step_examples)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = _clip(accelerator, model, cfg.max_grad_norm)
+                finite = (
+                    _step_is_finite(accelerator, grad_norm, [*loss_values, loss.detach().float()])
+                    if accelerator.sync_gradients
+                    else True
+                )
+                if accelerator.sync_gradients and finite:
+                    optimizer.step()
+                if accelerator.sync_gradients:
+                    optimizer.zero_grad(set_to_none=True)
+            loss_values.append(loss.detach().float())
+            tokens += num_tokens
+            for key, value in metrics.items():
+                step_metrics.setdefault(key, []).append(value)
+        if not finite:
+            nonfinite_total += 1
+            nonfinite_run += 1
+            ids = [examples[i].get("id") for i in step_indices]
+            accelerator.print(
+                f"step {global_step + 1}: non-finite loss or gradient, step skipped (examples {ids[:8]}...)"
+            )
+            log.write({"step": global_step + 1, "event": "nonfinite_step_skipped", "example_ids": ids})
+            if nonfinite_run >= MAX_CONSECUTIVE_NONFINITE:
+                raise TrainingError(
+                    f"{nonfinite_run} optimizer steps in a row had a non-finite loss or gradient; "
+                    f"stopping before writing bad weights (last good checkpoint kept in {run_dir.path})"
+                )
+        else:
+            nonfinite_run = 0
+            scheduler.step()
+        global_step += 1
+
+        reduced = _mean_over_processes(accelerator, {k: torch.cat(v) for k, v in step_metrics.items()})
+        reduced["loss"] = float(accelerator.reduce(torch.stack(loss_values).mean(), "mean"))
+        reduced["grad_norm"] = float(grad_norm)
+        window_tokens += int(accelerator.reduce(tokens, "sum"))
+        for key, value in reduced.items():
+            window.setdefault(key, []).append(value)
+        if progress is not None:
+            progress.update(1)
+            shown = {"loss": f"{reduced['loss']:.4f}"}
+            if "rewards/accuracies" in reduced:
+                shown["acc"] = f"{reduced['rewards/accuracies']:.2f}"
+            shown["tok/s"] = f"{window_tokens / max(time.perf_counter() - window_start, 1e-9):.0f}"
+            progress.set_postfix(shown, refresh=False)
+
+        epoch_done = global_step % steps_per_epoch == 0
+        if global_step % cfg.logging_steps == 0 or global_step == total_steps or epoch_done:
+            elapsed = max(time.perf_counter() - window_start, 1e-9)
+            record = {
+                "step": global_step,
+                "epoch": round(global_step / steps_per_epoch, 4),
+                "learning_rate": scheduler.get_last_lr()[0],
+                **{k: sum(v) / len(v) for k, v in window.items()},
+                "tokens_per_second": window_tokens / elapsed,
+                "nonfinite_steps": nonfinite_total,
+            }
+            log.write(record)
+            accelerator.log(record, step=global_step)
+            window, window_tokens, window_start = {}, 0, time.perf_counter()
+
+        do_eval = recipe.evaluate is not None and (
+            epoch_done or global_step == total_steps or (cfg.eval_steps and global_step % cfg.eval_steps == 0)
+        )
+        if do_eval:
+            record = {"step": global_step, "epoch": round(global_step / steps_per_epoch, 4), **recipe.evaluate(model)}
+            log.write(record)
+            accelerator.log(record, step=global_step)
+            model.train()
+
+        if epoch_done or global_step == total_steps or (cfg.save_steps and global_step % cfg.save_steps == 0):
+            name = f"epoch-{global_step // steps_per_epoch}" if epoch_done else f"step-{global_step:07d}"
+            state = {
+                "global_step": global_step,
+                "epoch": global_step / steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch,
+                "total_steps": total_steps,
+            }
+            save_checkpoint(accelerator, model, tokenizer, cfg, name, state, scheduler)
+            if not epoch_done and accelerator.is_main_process:
+                checkpoint.prune_step_checkpoints(run_dir.path, cfg.save_total_limit)
+
+    if progress is not None:
+        progress.close()
+    accelerator.end_training()
+    return RunResult(output_dir=run_dir.path, global_step=global_step, metrics=log.records)
+
+
+def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Average each per-example metric over all examples on all processes (not just rank 0's)."""
+    out = {}
+    for key, tensor in values.items():
+        flat = tensor.detach().float().reshape(-1).contiguous()
+        gathered = accelerator.gather_for_metrics(flat, use_gather_object=False)
+        out[key] = float(gathered.mean()) if gathered.numel() else float("nan")
+    return out
+
+
+def _step_is_finite(accelerator: Accelerator, grad_norm: torch.Tensor, losses: list[torch.Tensor]) -> bool:
+    """Whether the step's gradient norm and every micro-batch loss on every process are finite.
+
+    The loss is checked too: an infinite loss can come with a finite gradient (e.g. DPO with an
+    infinite reference log-prob, where the log-sigmoid saturates), and all ranks must agree.
+    """
+    bad = (~torch.isfinite(torch.stack(losses))).any() | ~torch.isfinite(grad_norm.detach().float().reshape(()))
+    return not bool(accelerator.reduce(bad.float().to(accelerator.device), "sum") > 0)
+
+
+def _configure_deepspeed(accelerator: Accelerator, cfg: CommonConfig) -> None:
+    """DeepSpeed takes the micro-batch size, accumulation and clipping from mmpo's config.
+
+    No DataLoader goes through ``prepare()``, so DeepSpeed cannot infer the batch size, and its
+    accumulation steps would otherwise override the engine's silently.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.per_device_batch_size
+    plugin.deepspeed_config["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
+
+
+def _clip(accelerator: Accelerator, model, max_norm: float) -> torch.Tensor:
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    # DeepSpeed clips inside its own step and reports the norm as a float (None if it has none).
+    return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32)
+
+
+def final_model_dir(output_dir: str | Path) -> Path | None:
+    found = checkpoint.list_checkpoints(output_dir)
+    return found[-1] / MODEL_DIR if found else None
