@@ -16,7 +16,8 @@ from typing import Any
 import tyro
 from rich.console import Console
 
-from mmpo.config import ConfigError, SFTConfig, TrainConfig, from_dict, load_yaml
+from mmpo.config import ConfigError, SFTConfig, TrainConfig, from_dict, load_yaml, with_values
+from mmpo.config.provenance import flags_in_argv
 from mmpo.data import DataError
 from mmpo.evaluation.checkpoint_eval import EvalSettings
 
@@ -32,7 +33,10 @@ def _parse_config(cls: type, argv: list[str], prog: str, description: str) -> An
     if known.config:
         defaults = from_dict(cls, load_yaml(known.config), source=known.config)
     description += "\n\n--config FILE.yaml: read settings from a YAML file; flags given here override it."
-    return tyro.cli(cls, args=rest, default=defaults, prog=prog, description=description)
+    parsed = tyro.cli(cls, args=rest, default=defaults, prog=prog, description=description)
+    # tyro builds the config from every field: record only what the file and the flags really set.
+    flags = flags_in_argv(cls, rest)
+    return with_values(defaults, "flag", **{name: getattr(parsed, name) for name in flags})
 
 
 def _sparkline(values: list[float]) -> str:

@@ -60,9 +60,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             setattr(config, key, 0.0)
 
 
+def weights_dtype(name: str) -> torch.dtype:
+    """Training keeps float32 master weights unless a 16-bit dtype is asked for by name (then the
+    weights themselves are 16-bit: updates smaller than their rounding step are lost)."""
+    return torch.float32 if name == "auto" else DTYPES[name]
+
+
 def load_model(cfg: CommonConfig, *, train_dropout: bool = False) -> PreTrainedModel:
     """The model to train, with LoRA adapters when ``cfg.lora`` (PEFT)."""
-    dtype = resolve_dtype(cfg.dtype)
+    dtype = weights_dtype(cfg.dtype)
     path = cfg.model
     try:
         if is_adapter_folder(path):
@@ -121,3 +127,18 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         digest.update(sample.numpy().tobytes())
         digest.update(repr(float(flat.float().sum())).encode())
     return digest.hexdigest()[:16]
+
+
+def model_context_length(cfg: CommonConfig) -> int | None:
+    """The model's trained context window (``max_position_embeddings``), read from its config only."""
+    from transformers import AutoConfig
+
+    path = cfg.model
+    if is_adapter_folder(path):
+        path = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None  # reported clearly when the model itself is loaded
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None)

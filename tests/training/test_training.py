@@ -222,10 +222,14 @@ def test_lora_run_uses_base_as_reference_and_saves_an_adapter(tmp_path, tiny_mod
 def test_preset_fills_paper_settings_but_explicit_values_win():
     from mmpo.config import apply_preset
 
+    from mmpo.config.training import batch_layout
+
     cfg = apply_preset(TrainConfig(preset="llama3.2-1b", objective="dpo", epochs=2))
-    assert cfg.model == "meta-llama/Llama-3.2-1B-Instruct" and cfg.lora and cfg.lora_r == 64
+    assert cfg.model == "runs/sft-llama3.2-1b" and cfg.lora and cfg.lora_r == 64  # the SFT stage's output
     assert cfg.learning_rate == 5e-4 and cfg.optimizer == "adamw_8bit" and cfg.epochs == 2
-    assert cfg.per_device_batch_size * cfg.gradient_accumulation_steps * 4 == 128
+    assert cfg.global_batch_size == 128 and batch_layout(cfg, processes=4).accumulation == 16  # the paper's 2 x 16 x 4
+    instruct = apply_preset(TrainConfig(preset="llama3.2-1b-instruct", objective="dpo"))
+    assert instruct.model == "meta-llama/Llama-3.2-1B-Instruct" and instruct.lora
     simpo = apply_preset(TrainConfig(preset="smollm2-135m", objective="simpo"))
     assert simpo.gamma == 1.6 and simpo.learning_rate == 1e-4 and not simpo.lora
     with pytest.raises(ConfigError, match="unknown preset"):

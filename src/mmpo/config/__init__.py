@@ -1,26 +1,28 @@
-"""Configuration: the run dataclasses (``training``), the paper's presets (``presets``) and the one
-table of defaults (``defaults``)."""
+"""Configuration: the run dataclasses (``training``), where each value came from (``provenance``),
+configs as files (``files``), the paper's presets (``presets``) and the one table of defaults
+(``defaults``)."""
 
-from mmpo.config.defaults import LORA_ALL_PROJECTIONS, OBJECTIVE_DEFAULTS, bundled_path
-from mmpo.config.presets import PRESETS, apply_preset, preset_values
-from mmpo.config.training import (
-    CommonConfig,
-    ConfigError,
-    SFTConfig,
-    TrainConfig,
+from mmpo.config.defaults import LORA_ALL_PROJECTIONS, OBJECTIVE_DEFAULTS, TRACKERS, bundled_path
+from mmpo.config.files import (
     check_keys,
+    config_fields,
+    flat_hparams,
     from_dict,
     load_yaml,
-    resolve,
     resume_mismatches,
     save_yaml,
     to_dict,
 )
+from mmpo.config.presets import PRESETS, SFT_PRESETS, apply_preset, preset_values
+from mmpo.config.provenance import is_user_set, sources, with_values
+from mmpo.config.training import CommonConfig, ConfigError, SFTConfig, TrainConfig, resolve
 
 __all__ = [
     "LORA_ALL_PROJECTIONS",
     "OBJECTIVE_DEFAULTS",
     "PRESETS",
+    "SFT_PRESETS",
+    "TRACKERS",
     "CommonConfig",
     "ConfigError",
     "SFTConfig",
@@ -28,11 +30,16 @@ __all__ = [
     "apply_preset",
     "bundled_path",
     "check_keys",
+    "config_fields",
+    "flat_hparams",
     "from_dict",
+    "is_user_set",
     "load_yaml",
     "preset_values",
     "resolve",
     "resume_mismatches",
     "save_yaml",
+    "sources",
     "to_dict",
+    "with_values",
 ]

@@ -28,3 +28,10 @@ WORLD_DIR = Path(__file__).resolve().parent.parent / "assets" / "world"
 def bundled_path(relative: str) -> Path:
     """Path of a shipped world artifact, e.g. ``bundled_path("sft_model")``."""
     return WORLD_DIR / relative
+
+#: Experiment trackers Accelerate integrates (``report_to``), plus ``all`` and ``none``.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
+
+#: What ``variant="authors-code"`` changes (the authors' May-2025 trainer): an entropy bonus whose
+#: coefficient is beta, and their default eps_w.
+AUTHORS_CODE_VARIANT = {"entropy_coef": "beta", "chosen_reward": 1.0}

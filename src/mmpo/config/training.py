@@ -1,13 +1,13 @@
-"""Run configurations: dataclasses that the CLI is generated from, YAML loading and validation.
+"""Run configurations: the dataclasses the CLI is generated from, their resolution and validation.
 
 Every field has a one-line docstring; ``mmpo train --help`` shows them. Fields left ``None``
-take the objective's default (``mmpo.config.defaults``) when the config is resolved.
+take the objective's default (``mmpo.config.defaults``) when the config is resolved. Each config
+records where its values came from (``mmpo.config.provenance``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import types
 import typing
@@ -15,19 +15,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from mmpo.config.defaults import LORA_ALL_PROJECTIONS, OBJECTIVE_DEFAULTS, SFT_LEARNING_RATE, bundled_path
+from mmpo.config.defaults import (
+    AUTHORS_CODE_VARIANT,
+    LORA_ALL_PROJECTIONS,
+    OBJECTIVE_DEFAULTS,
+    SFT_LEARNING_RATE,
+    TRACKERS,
+    bundled_path,
+)
+from mmpo.config.provenance import is_user_set, records_sources, with_values
 
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot work; raised before any long work starts."""
 
 
+@records_sources
 @dataclass
 class CommonConfig:
     """Settings shared by SFT and preference training."""
 
+    preset: str | None = None
+    """The paper's settings: smollm2-135m, smollm2-360m, llama3.2-1b (also -instruct) or llama3-8b; fills what you do not set."""
     model: str = field(default_factory=lambda: str(bundled_path("sft_model")))
     """Model to train: a Hugging Face Hub id or a local folder (default: the bundled world's SFT model)."""
     output_dir: str = "runs/mmpo"
@@ -43,7 +52,9 @@ class CommonConfig:
     per_device_batch_size: int = 8
     """Examples (pairs, for preference training) per device per micro-batch."""
     gradient_accumulation_steps: int = 1
-    """Micro-batches accumulated per optimizer step; global batch = this x per-device batch x devices."""
+    """Micro-batches accumulated per optimizer step; global batch = this x per-device batch x processes."""
+    global_batch_size: int = 0
+    """Examples per optimizer step over all processes; when set, accumulation is derived from it (0: not set)."""
     max_grad_norm: float = 1.0
     """Gradient clipping norm (0 disables clipping)."""
     weight_decay: float = 0.0
@@ -53,7 +64,9 @@ class CommonConfig:
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """AdamW from torch, or 8-bit AdamW from bitsandbytes (must be installed)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype; auto = bfloat16 on a GPU that supports it, float32 otherwise."""
+    """Weights dtype; auto = float32 master weights (with bf16 autocast on GPU, see mixed_precision); bfloat16 = pure bf16 weights."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast of the forward pass over the weights (auto: bf16 on a GPU that supports it when the weights are float32, else no)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = "sdpa"
     """Attention kernel passed to transformers."""
     gradient_checkpointing: bool = False
@@ -83,7 +96,9 @@ class CommonConfig:
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir."""
     report_to: tuple[str, ...] = ()
-    """Extra trackers through Accelerate: tensorboard, wandb, mlflow."""
+    """Experiment trackers through Accelerate: tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab, all or none."""
+    run_name: str | None = None
+    """Name of the run in trackers (default: the output folder's name)."""
     progress: bool = True
     """Show a progress bar."""
     on_bad_rows: Literal["raise", "skip"] = "raise"
@@ -99,6 +114,7 @@ class CommonConfig:
     """Put examples of similar length in the same step (still shuffled per epoch): less padding when packing is off."""
 
 
+@records_sources
 @dataclass
 class SFTConfig(CommonConfig):
     """Supervised fine-tuning on chat data (loss on assistant tokens only)."""
@@ -117,14 +133,15 @@ class SFTConfig(CommonConfig):
     """Truncate conversations to this many tokens (from the right)."""
 
 
+@records_sources
 @dataclass
 class TrainConfig(CommonConfig):
     """Preference training with MMPO, DPO or SimPO."""
 
-    preset: str | None = None
-    """Paper preset: smollm2-135m, smollm2-360m, llama3.2-1b or llama3-8b (sets model, data and Table 3 settings)."""
     objective: Literal["mmpo", "dpo", "simpo"] = "mmpo"
     """Preference objective."""
+    variant: Literal["paper", "authors-code"] = "paper"
+    """MMPO as in the paper, or as the authors' training code runs it (entropy bonus with coefficient beta, eps_w 1.0)."""
     dataset: tuple[str, ...] = field(default_factory=lambda: (str(bundled_path("data/prefs_train.jsonl")),))
     """Preference datasets, each 'PATH_OR_HUB_ID[:SPLIT][@WEIGHT]' (a weighted mixture when several)."""
     eval_dataset: tuple[str, ...] = field(default_factory=lambda: (str(bundled_path("data/prefs_test.jsonl")),))
@@ -161,7 +178,7 @@ class TrainConfig(CommonConfig):
 
 
 def resolve(cfg: CommonConfig) -> CommonConfig:
-    """Fill objective-dependent defaults (beta, learning rate) and check every value."""
+    """Fill objective-dependent defaults (beta, learning rate) and the variant's settings; check every value."""
     check_types(cfg)  # before reading values whose type may be wrong (YAML strings)
     updates: dict[str, Any] = {}
     if isinstance(cfg, TrainConfig):
@@ -172,7 +189,14 @@ def resolve(cfg: CommonConfig) -> CommonConfig:
             updates["learning_rate"] = defaults["learning_rate"]
     elif cfg.learning_rate is None:
         updates["learning_rate"] = SFT_LEARNING_RATE
-    cfg = dataclasses.replace(cfg, **updates)
+    cfg = with_values(cfg, "objective default", **updates)
+    if isinstance(cfg, TrainConfig) and cfg.objective == "mmpo" and cfg.variant == "authors-code":
+        variant = {}
+        if not is_user_set(cfg, "entropy_coef"):
+            variant["entropy_coef"] = cfg.beta  # the authors' trainer ties the entropy bonus to beta
+        if not is_user_set(cfg, "chosen_reward"):
+            variant["chosen_reward"] = AUTHORS_CODE_VARIANT["chosen_reward"]
+        cfg = with_values(cfg, "variant authors-code", **variant)
     validate(cfg)
     return cfg
 
@@ -233,8 +257,13 @@ def validate(cfg: CommonConfig) -> None:
     need(bool(cfg.dataset), "dataset", "needs at least one dataset")
     need(cfg.chat_template_path is None or Path(cfg.chat_template_path).is_file(), "chat_template_path",
          "no such file")
+    need(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", "must be -1 (run all epochs) or >= 1")
+    need(cfg.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps every checkpoint)")
+    need(cfg.global_batch_size >= 0, "global_batch_size", "must be >= 0 (0: per-device batch x accumulation x processes)")
     for tracker in cfg.report_to:
-        need(tracker in ("tensorboard", "wandb", "mlflow"), "report_to", "trackers are tensorboard, wandb, mlflow")
+        need(tracker in (*TRACKERS, "all", "none"), "report_to", f"trackers are {', '.join(TRACKERS)}, all or none")
+    need("none" not in cfg.report_to or len(cfg.report_to) == 1, "report_to", "'none' cannot be combined with trackers")
+    _refuse_settings_without_effect(cfg)
     if isinstance(cfg, TrainConfig):
         need(cfg.beta is None or cfg.beta > 0, "beta", "must be > 0")
         need(cfg.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
@@ -246,54 +275,79 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.max_length >= 2, "max_length", "must be >= 2")
 
 
-def config_fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+def _refuse_settings_without_effect(cfg: CommonConfig) -> None:
+    """A value the user set that the run would ignore is an error, not a silent no-op."""
+
+    def ignored(key: str, reason: str) -> None:
+        default = getattr(type(cfg)(), key)
+        if is_user_set(cfg, key) and getattr(cfg, key) != default:
+            raise ConfigError(f"config key '{key}' has no effect here: {reason} (got {getattr(cfg, key)!r})")
+
+    if not cfg.lora:
+        for key in ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"):
+            ignored(key, "LoRA is off (set lora: true)")
+    if not cfg.eval_dataset:
+        ignored("eval_steps", "there is no eval_dataset")
+    if isinstance(cfg, TrainConfig):
+        if cfg.objective != "mmpo":
+            for key in ("chosen_reward", "rejected_reward", "normalize", "normalize_scope", "aux_loss", "variant"):
+                ignored(key, f"only MMPO uses it, the objective is {cfg.objective}")
+        if cfg.objective != "simpo":
+            ignored("gamma", f"only SimPO uses it, the objective is {cfg.objective}")
+        else:
+            ignored("length_normalize", "SimPO always uses per-token means")
+            ignored("precompute_ref", "SimPO has no reference model")
+        if cfg.normalize == "none":
+            ignored("normalize_scope", "normalize is 'none'")
 
 
-def check_keys(cls: type, values: dict[str, Any], source: str) -> None:
-    """Reject unknown keys, naming them and the closest known key."""
-    known = config_fields(cls)
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+@dataclass(frozen=True)
+class BatchLayout:
+    """How a global batch splits into processes, micro-batches and accumulation steps."""
+
+    per_device: int
+    accumulation: int
+    processes: int
+    note: str | None = None  # said once at start-up when the layout is not what one might expect
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_device * self.accumulation * self.processes
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
-    return values
+def batch_layout(cfg: CommonConfig, processes: int, preset_global_batch: int | None = None) -> BatchLayout:
+    """Derive gradient accumulation from ``global_batch_size`` (when set) and the number of processes.
 
-
-def from_dict(cls: type, values: dict[str, Any], source: str = "config", base: Any = None) -> Any:
-    """Build ``cls`` from plain values (YAML), on top of ``base`` (or the defaults)."""
-    check_keys(cls, values, source)
-    tuple_fields = {f.name for f in dataclasses.fields(cls) if "tuple" in str(f.type)}
-    clean = {k: (tuple(v) if k in tuple_fields and isinstance(v, list) else
-                 (v,) if k in tuple_fields and isinstance(v, str) else v) for k, v in values.items()}
-    base = base if base is not None else cls()
-    return dataclasses.replace(base, **clean)
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-
-
-def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-# Keys whose change does not make a resumed run a different run.
-RESUME_NEUTRAL_KEYS = {"resume", "progress", "report_to", "logging_steps", "eval_steps", "save_steps",
-                       "save_total_limit", "epochs", "max_steps", "output_dir", "cache_dir"}
-
-
-def resume_mismatches(saved: dict[str, Any], current: Any) -> list[str]:
-    now = to_dict(current)
-    return sorted(k for k in set(saved) | set(now)
-                  if k not in RESUME_NEUTRAL_KEYS and saved.get(k) != now.get(k))
+    An explicit ``gradient_accumulation_steps`` wins over a global batch that came from a preset;
+    when that makes the global batch differ from the preset's, the layout says so.
+    """
+    per_device, accumulation = cfg.per_device_batch_size, cfg.gradient_accumulation_steps
+    if cfg.global_batch_size:
+        if is_user_set(cfg, "gradient_accumulation_steps") and is_user_set(cfg, "global_batch_size"):
+            if per_device * accumulation * processes != cfg.global_batch_size:
+                raise ConfigError(
+                    f"global_batch_size {cfg.global_batch_size} != per_device_batch_size {per_device} x "
+                    f"gradient_accumulation_steps {accumulation} x {processes} processes: set one or the other"
+                )
+        elif not is_user_set(cfg, "gradient_accumulation_steps"):
+            share = per_device * processes
+            if cfg.global_batch_size % share:
+                raise ConfigError(
+                    f"global_batch_size {cfg.global_batch_size} is not a multiple of per_device_batch_size "
+                    f"{per_device} x {processes} processes"
+                )
+            accumulation = cfg.global_batch_size // share
+            note = (
+                f"global batch {cfg.global_batch_size} = {per_device} per device x {accumulation} accumulation "
+                f"x {processes} process{'es' if processes > 1 else ''}"
+            )
+            return BatchLayout(per_device, accumulation, processes, note)
+    layout = BatchLayout(per_device, accumulation, processes)
+    if preset_global_batch and layout.global_batch != preset_global_batch:
+        return dataclasses.replace(
+            layout,
+            note=f"global batch {layout.global_batch} ({per_device} per device x {accumulation} accumulation x "
+            f"{processes} processes) differs from the preset's {preset_global_batch}, because you set "
+            "gradient_accumulation_steps",
+        )
+    return layout

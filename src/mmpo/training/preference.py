@@ -15,13 +15,23 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from mmpo.config import ConfigError, TrainConfig, apply_preset, resolve, to_dict
+from mmpo.config import ConfigError, TrainConfig, apply_preset, is_user_set, resolve, sources, with_values
 from mmpo.data import examples_fingerprint, load_preference_examples
 from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps
-from mmpo.modeling import is_peft_model, load_model, load_tokenizer, weights_fingerprint
+from mmpo.modeling import is_peft_model, load_model, load_tokenizer, model_context_length, weights_fingerprint
 from mmpo.objectives import ObjectiveOutput, dpo_loss, minmax_range, mmpo_loss, mmpo_prior_rewards, simpo_loss
 from mmpo.training import refcache
-from mmpo.training.loop import Recipe, RunResult, final_model_dir, make_accelerator, prepare_run_dir, run
+from mmpo.training.loop import (
+    Recipe,
+    RunResult,
+    final_model_dir,
+    init_trackers,
+    make_accelerator,
+    mixed_precision,
+    prepare_run_dir,
+    run,
+    settle_batch,
+)
 from mmpo.training.run_dir import RunDir
 
 #: Per-pair metric names (TRL's) that every preference evaluation reports.
@@ -153,7 +163,7 @@ def reference_logps(
     key = refcache.cache_key(
         model_fingerprint=weights_fingerprint(model),
         data_fingerprint=examples_fingerprint(examples),
-        dtype=str(next(model.parameters()).dtype),
+        dtype=f"{next(model.parameters()).dtype}+{mixed_precision(cfg)}",
     )
     path = (Path(cfg.cache_dir) if cfg.cache_dir else refcache.default_cache_dir()) / f"{key}.pt"
     cached = refcache.load(path, ids) if cfg.precompute_ref else None
@@ -163,11 +173,13 @@ def reference_logps(
         options = ForwardOptions.from_config(cfg)
 
         def logps_fn(batch):
-            if is_peft_model(model):
-                with model.disable_adapter():
+            # Same autocast as the training steps, so the policy equals the reference at step 0.
+            with accelerator.autocast():
+                if is_peft_model(model):
+                    with model.disable_adapter():
+                        out = preference_logps(model, batch, pad_token_id=pad_token_id, options=options)
+                else:
                     out = preference_logps(model, batch, pad_token_id=pad_token_id, options=options)
-            else:
-                out = preference_logps(model, batch, pad_token_id=pad_token_id, options=options)
             return out.chosen_logps.double(), out.rejected_logps.double()
 
         bar = None
@@ -227,14 +239,61 @@ def require_examples(kind: str, report) -> None:
         raise ConfigError(f"no usable {kind} examples: {report.summary()}")
 
 
+def fit_lengths(cfg: TrainConfig) -> TrainConfig:
+    """Check the prompt and completion limits against the model's context window.
+
+    Limits you set that do not fit are an error; default limits that do not fit are lowered to it
+    (prompt and completion sharing the window half and half at most)."""
+    window = model_context_length(cfg)
+    if window is None or cfg.max_prompt_length + cfg.max_completion_length <= window:
+        return cfg
+    mine = [k for k in ("max_prompt_length", "max_completion_length") if is_user_set(cfg, k)]
+    if mine:
+        raise ConfigError(
+            f"max_prompt_length {cfg.max_prompt_length} + max_completion_length {cfg.max_completion_length} is "
+            f"more than the model's context window ({window} positions, max_position_embeddings): lower {mine[0]}"
+        )
+    completion = min(cfg.max_completion_length, window // 2)
+    fitted = with_values(cfg, "model context", max_completion_length=completion, max_prompt_length=window - completion)
+    print(
+        f"length limits lowered to the model's {window} positions: prompt {fitted.max_prompt_length}, "
+        f"completion {fitted.max_completion_length}"
+    )
+    return fitted
+
+
+def describe_objective(cfg: TrainConfig) -> str | None:
+    """A start-up line for settings whose effect is not what their names suggest."""
+    if cfg.objective == "mmpo" and cfg.aux_loss:
+        return (
+            "note: MMPO with the auxiliary term: its per-pair loss equals -s_w, so its gradient is the chosen "
+            "answer's negative log-likelihood (beta, eps and the normalization only shift the loss; the rejected "
+            "answer gets no gradient). --no-aux-loss trains the marginal likelihood (docs/objectives.md)."
+        )
+    return None
+
+
+def require_sft_stage(cfg: TrainConfig) -> None:
+    """A preset that starts from the SFT stage's folder needs that stage to have run."""
+    if sources(cfg)["model"] == "preset" and cfg.model.startswith("runs/") and not Path(cfg.model).exists():
+        raise ConfigError(
+            f"preset '{cfg.preset}' starts from the SFT stage's output {cfg.model}, which does not exist: run "
+            f"`mmpo sft --preset {cfg.preset}` first, pass --model, or use --preset {cfg.preset}-instruct"
+        )
+
+
 def train(cfg: TrainConfig) -> RunResult:
     """Preference training (MMPO, DPO or SimPO) as configured. The Python API behind ``mmpo train``."""
-    cfg = resolve(apply_preset(cfg))
+    cfg = apply_preset(cfg)
+    require_sft_stage(cfg)
+    cfg = settle_batch(fit_lengths(resolve(cfg)))
     ForwardOptions.from_config(cfg)  # its own checks, before any long work
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     say = accelerator.print
     run_dir = prepare_run_dir(cfg, accelerator)
+    if describe_objective(cfg):
+        say(describe_objective(cfg))
 
     # Data first: a malformed row fails in seconds, before any model is loaded.
     tokenizer = load_tokenizer(
@@ -265,7 +324,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if accelerator.is_main_process:
         reports = {"train": train_report.to_dict(), "eval": eval_report.to_dict() if eval_report else None}
         run_dir.write_json(run_dir.data_report, reports)
-    accelerator.init_trackers("mmpo", config=to_dict(cfg))
+    init_trackers(accelerator, cfg, "mmpo")
     result = run(cfg, accelerator, model, tokenizer, Recipe(cfg.objective, train_examples, step, evaluate))
     result.summary = summarize(cfg, result)
     if accelerator.is_main_process:

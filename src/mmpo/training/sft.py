@@ -5,11 +5,20 @@ from __future__ import annotations
 import torch
 from accelerate.utils import set_seed
 
-from mmpo.config import SFTConfig, resolve, to_dict
+from mmpo.config import SFTConfig, apply_preset, resolve
 from mmpo.data import load_sft_examples
 from mmpo.forward import ForwardOptions, sft_loss
 from mmpo.modeling import load_model, load_tokenizer
-from mmpo.training.loop import Recipe, RunResult, final_model_dir, make_accelerator, prepare_run_dir, run
+from mmpo.training.loop import (
+    Recipe,
+    RunResult,
+    final_model_dir,
+    init_trackers,
+    make_accelerator,
+    prepare_run_dir,
+    run,
+    settle_batch,
+)
 from mmpo.training.preference import require_examples
 
 
@@ -19,7 +28,7 @@ def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) ->
     ``model``/``tokenizer`` may be passed in (e.g. a freshly initialized model) instead of loading
     ``cfg.model``.
     """
-    cfg = resolve(cfg)
+    cfg = settle_batch(resolve(apply_preset(cfg)))
     options = ForwardOptions.from_config(cfg)
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -53,7 +62,7 @@ def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) ->
         sums = accelerator.reduce(torch.tensor([total, count], device=accelerator.device, dtype=torch.float64), "sum")
         return {"eval_loss": float(sums[0] / max(sums[1], 1))}
 
-    accelerator.init_trackers("mmpo-sft", config=to_dict(cfg))
+    init_trackers(accelerator, cfg, "mmpo-sft")
     recipe = Recipe("sft", train_examples, micro_step, evaluate if eval_examples else None)
     result = run(cfg, accelerator, model, tokenizer, recipe)
     result.summary = {

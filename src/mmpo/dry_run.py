@@ -1,0 +1,82 @@
+"""``--dry-run``: what a run would do, with every setting's source, before anything is loaded.
+
+It reads the config, the model's config file and local data files (to count rows); it loads no
+weights, tokenizes nothing and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from mmpo.config import CommonConfig, SFTConfig, TrainConfig, apply_preset, resolve, sources, to_dict
+from mmpo.config.presets import preset_global_batch
+from mmpo.config.training import batch_layout
+from mmpo.data import DatasetSpec, load_rows
+
+
+def _count_rows(datasets: tuple[str, ...], seed: int) -> int | None:
+    """Rows of local datasets (with mixture weights applied); None when one is on the Hub."""
+    specs = [DatasetSpec.parse(d) for d in datasets]
+    if not all(Path(spec.path).expanduser().exists() for spec in specs):
+        return None
+    return len(load_rows(specs, seed=seed))
+
+
+def plan(cfg: CommonConfig, processes: int = 1) -> dict[str, Any]:
+    """The resolved settings with their sources, data sizes, the batch layout and the step counts."""
+    cfg = resolve(apply_preset(cfg))
+    if isinstance(cfg, TrainConfig):
+        from mmpo.training.preference import fit_lengths
+
+        cfg = fit_lengths(cfg)
+    layout = batch_layout(cfg, processes, preset_global_batch(cfg))
+    origin = sources(cfg)
+    if layout.accumulation != cfg.gradient_accumulation_steps:
+        origin["gradient_accumulation_steps"] = "global_batch_size"
+    settings = {**to_dict(cfg), "gradient_accumulation_steps": layout.accumulation}
+    train_rows = _count_rows(cfg.dataset, cfg.seed)
+    eval_rows = _count_rows(cfg.eval_dataset, cfg.seed) if cfg.eval_dataset else 0
+    steps_per_epoch = train_rows // layout.global_batch if train_rows is not None else None
+    total = None
+    if steps_per_epoch is not None:
+        total = steps_per_epoch * cfg.epochs
+        total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+    return {
+        "kind": "sft" if isinstance(cfg, SFTConfig) else "preference",
+        "settings": settings,
+        "sources": origin,
+        "processes": processes,
+        "global_batch": layout.global_batch,
+        "batch_note": layout.note,
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "steps_per_epoch": steps_per_epoch,
+        "total_steps": total,
+        "warmup_steps": math.ceil(cfg.warmup_ratio * total) if total else None,
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    """Plain text, one setting a line with its source."""
+    width = max(len(k) for k in result["settings"])
+    lines = [f"dry run ({result['kind']}): nothing is loaded, trained or written", ""]
+    for key, value in result["settings"].items():
+        lines.append(f"  {key:<{width}}  {value!r:<40}  [{result['sources'][key]}]")
+
+    def counted(rows):
+        return "on the Hub (not counted offline)" if rows is None else f"{rows} rows"
+
+    lines += [
+        "",
+        f"train data: {counted(result['train_rows'])}; eval data: {counted(result['eval_rows'])}",
+        f"global batch: {result['global_batch']} on {result['processes']} process(es)"
+        + (f" - {result['batch_note']}" if result["batch_note"] else ""),
+    ]
+    if result["steps_per_epoch"] is not None:
+        lines.append(
+            f"steps: {result['steps_per_epoch']} per epoch, {result['total_steps']} in total "
+            f"({result['warmup_steps']} warm-up), before rows dropped by validation or truncation"
+        )
+    return "\n".join(lines)
