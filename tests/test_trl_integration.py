@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("trl", minversion="1.16", reason="the TRL integration needs trl>=1.16: pip install 'mmpo[trl]'")
 
 from datasets import Dataset
+from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 from trl import DPOConfig
 
@@ -108,6 +109,17 @@ CASES = {
             "precompute_ref_log_probs": True,
         },
     ),
+    # LoRA through TRL's peft_config; the reference is the model with its adapters switched off.
+    "lora": (
+        {"lora": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_modules": ("q_proj", "v_proj")},
+        {
+            "config": MMPOConfig,
+            "precompute_ref_log_probs": False,
+            "peft_config": LoraConfig(
+                r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"
+            ),
+        },
+    ),
 }
 
 
@@ -151,6 +163,7 @@ def test_trl_mmpo_losses_equal_the_engines_step_by_step(tmp_path, case):
 
     trl_settings = dict(trl_settings)
     config_class = trl_settings.pop("config")
+    peft_config = trl_settings.pop("peft_config", None)
     batch = engine_settings["per_device_batch_size"]  # the engine evaluates in micro-batches of this size too
     args = config_class(
         output_dir=str(tmp_path / "trl"),
@@ -164,6 +177,7 @@ def test_trl_mmpo_losses_equal_the_engines_step_by_step(tmp_path, case):
         train_dataset=conversational(ordered),
         eval_dataset=conversational(eval_rows),
         processing_class=tokenizer,
+        peft_config=peft_config,
     )
     # TRL tokenized the pairs exactly as mmpo does.
     by_id = {ex["id"]: ex for ex in examples}
