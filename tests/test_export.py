@@ -164,7 +164,7 @@ def test_merge_lora_dtype_and_bad_inputs(tmp_path, lora_adapter):
 # trainer_state.json in HF Trainer's layout, from a real run's metrics
 
 
-def test_trainer_state_from_a_run_loads_in_transformers(tmp_path, tiny_model_dir, prefs):
+def test_trainer_state_and_final_model_of_a_real_run(tmp_path, tiny_model_dir, prefs):
     train_file, test_file = prefs
     cfg = TrainConfig(
         model=str(tiny_model_dir),
@@ -215,6 +215,21 @@ def test_trainer_state_from_a_run_loads_in_transformers(tmp_path, tiny_model_dir
     assert train_log["train_runtime"] == 12.5
     assert [line["Step"] for line in lines] == [r["step"] for r in result.metrics if "eval_loss" in r]
     assert eval_results["Loss"] == evals[-1]["eval_loss"]
+
+    # The wiring the engine uses at the end of a run: its last checkpoint's model published at the top.
+    from mmpo.checkpoint import list_checkpoints
+
+    run = Path(result.output_dir)
+    copy_final_model(list_checkpoints(run)[-1] / "model", run)
+    write_model_card(run, to_dict(resolve(cfg)), metrics=result.summary)
+    loaded_model = AutoModelForCausalLM.from_pretrained(run)
+    trained = AutoModelForCausalLM.from_pretrained(list_checkpoints(run)[-1] / "model")
+    assert all(torch.equal(a, b) for a, b in zip(loaded_model.state_dict().values(), trained.state_dict().values()))
+    uploaded = files_to_upload(run)
+    assert {"README.md", "config.json", "model.safetensors", "config.yaml", "metrics.jsonl", "summary.json"} <= set(
+        uploaded
+    )
+    assert not [p for p in uploaded if p.startswith("checkpoints/")]
 
     # A checkpoint's state holds its own history only.
     early = hf_trainer_state(
