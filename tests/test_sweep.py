@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -324,3 +325,26 @@ def test_run_one_needs_a_plan(tmp_path, capsys):
 
     assert main(["sweep", "run-one", str(tmp_path), "--index", "0"]) == 2
     assert "write the plan first (mmpo sweep plan" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("layout", ["mmpo", "hf"])
+def test_training_finished_reads_both_trainer_state_layouts(tmp_path, layout):
+    from mmpo import checkpoint
+    from mmpo.sweep import training_finished
+    from mmpo.publish.trainer_state import hf_trainer_state
+
+    def state(step: int) -> dict:
+        if layout == "mmpo":
+            return {"global_step": step, "epoch": step / 8, "steps_per_epoch": 8, "total_steps": 4}
+        return hf_trainer_state([], global_step=step, steps_per_epoch=8, total_steps=4, per_device_batch_size=1,
+                                logging_steps=1)
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        staging = checkpoint.staging_dir(run, f"step-{step:07d}")
+        (staging / "weights.bin").write_bytes(b"w")
+        checkpoint.finalize(staging, f"step-{step:07d}", state(step))
+    (run / "summary.json").write_text("{}")
+    assert training_finished(run)  # the newest checkpoint is the last step
+    shutil.rmtree(run / "checkpoints" / "step-0000004")
+    assert not training_finished(run)  # step 2 of 4

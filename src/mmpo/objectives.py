@@ -24,6 +24,7 @@ __all__ = [
     "mmpo_prior_rewards",
     "minmax_range",
     "entropy_surrogate",
+    "batch_loss",
     "NORMALIZE_DELTA",
     "OBJECTIVE_DEFAULTS",
 ]
@@ -222,3 +223,21 @@ def entropy_surrogate(
     if length_normalize:
         total = total / keep.sum(-1).clamp(min=1)
     return total
+
+
+def batch_loss(
+    losses: torch.Tensor,
+    *,
+    entropy_coef: float = 0.0,
+    chosen_entropy: torch.Tensor | None = None,
+    rejected_entropy: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The micro-batch loss (SPEC.md step 5): the mean of the per-pair ``losses``, minus
+    ``entropy_coef`` times the mean entropy surrogate over the batch's chosen and rejected
+    completions (``[B]`` each, from :func:`entropy_surrogate`) when ``entropy_coef > 0``."""
+    loss = losses.mean()
+    if entropy_coef > 0:
+        if chosen_entropy is None or rejected_entropy is None:
+            raise ValueError("entropy_coef > 0 needs chosen_entropy and rejected_entropy")
+        loss = loss - entropy_coef * torch.cat([chosen_entropy, rejected_entropy]).mean()
+    return loss

@@ -312,7 +312,7 @@ def _epoch_checkpoints(run_dir: Path) -> list[Path]:
     chosen = [p for p in complete if p.name.startswith("epoch-")]
     if complete and complete[-1] not in chosen:
         state = checkpoint.read_trainer_state(complete[-1])
-        if state.get("global_step") == state.get("total_steps"):
+        if state.get("global_step") == _total_steps(state):
             chosen.append(complete[-1])
     return chosen
 
@@ -326,7 +326,12 @@ def training_finished(run_dir: str | Path) -> bool:
     if not complete:
         return False
     state = checkpoint.read_trainer_state(complete[-1])
-    return state.get("global_step", 0) >= state.get("total_steps", float("inf"))
+    return state.get("global_step", 0) >= (_total_steps(state) or float("inf"))
+
+
+def _total_steps(state: dict) -> int | None:
+    """The run's step count from a checkpoint's trainer state (HF layout: ``max_steps``; older: ``total_steps``)."""
+    return state.get("max_steps", state.get("total_steps"))
 
 
 def read_results(path: Path) -> dict:

@@ -13,6 +13,7 @@ import torch
 
 from mmpo.objectives import (
     NORMALIZE_DELTA,
+    batch_loss,
     dpo_loss,
     entropy_surrogate,
     minmax_range,
@@ -552,3 +553,13 @@ def test_entropy_surrogate_shape_mismatch_raises():
 
 def test_normalize_delta_is_the_specs():
     assert NORMALIZE_DELTA == 1e-6
+
+
+def test_batch_loss_mean_minus_entropy_term():
+    losses = t([1.0, 3.0])
+    assert float(batch_loss(losses)) == 2.0
+    # mean of [0.5, 1.5, 2.0, 4.0] = 2.0; 2.0 - 0.25 * 2.0 = 1.5
+    value = batch_loss(losses, entropy_coef=0.25, chosen_entropy=t([0.5, 1.5]), rejected_entropy=t([2.0, 4.0]))
+    assert float(value) == 1.5
+    with pytest.raises(ValueError, match="needs chosen_entropy"):
+        batch_loss(losses, entropy_coef=0.1)
