@@ -7,10 +7,12 @@ accumulation, clipping, the schedule, skipped non-finite steps, metrics, checkpo
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -24,8 +26,18 @@ from mmpo.config import CommonConfig, ConfigError, flat_hparams, with_values
 from mmpo.config.presets import preset_global_batch
 from mmpo.config.training import batch_layout
 from mmpo.data.order import step_micro_batches, training_order
+from mmpo.publish.trainer_state import hf_trainer_state
 from mmpo.training import checkpoint
-from mmpo.training.run_dir import CONFIG_FILE, MODEL_DIR, STATE_DIR, MetricsLog, RunDir, trim_metrics, write_config
+from mmpo.training.run_dir import (
+    CONFIG_FILE,
+    MODEL_DIR,
+    STATE_DIR,
+    TRAINER_STATE_FILE,
+    MetricsLog,
+    RunDir,
+    trim_metrics,
+    write_config,
+)
 
 MAX_CONSECUTIVE_NONFINITE = 10
 C = TypeVar("C", bound=CommonConfig)
@@ -152,7 +164,30 @@ def build_optimizer(cfg: CommonConfig, model: torch.nn.Module, accelerator: Acce
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
+@contextmanager
+def _quiet_saving():
+    """Checkpoint writes print nothing over the progress bar: no "Writing model shards" bars, no
+    warning that the tied LM head is stored once (it is reloaded correctly)."""
+    from transformers.utils import logging as hf_logging
+
+    accelerate_logger = logging.getLogger("accelerate.utils.other")
+    level, bars = accelerate_logger.level, hf_logging.is_progress_bar_enabled()
+    accelerate_logger.setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        accelerate_logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(accelerator, model, tokenizer, cfg, name: str, trainer_state: dict, scheduler) -> Path | None:
+    with _quiet_saving():
+        return _save_checkpoint(accelerator, model, tokenizer, cfg, name, trainer_state, scheduler)
+
+
+def _save_checkpoint(accelerator, model, tokenizer, cfg, name: str, trainer_state: dict, scheduler) -> Path | None:
     run_dir = Path(cfg.output_dir)
     staging = checkpoint.staging_dir(run_dir, name) if accelerator.is_main_process else None
     staging = Path(gather_object([str(staging)])[0]) if accelerator.num_processes > 1 else staging
@@ -228,6 +263,7 @@ def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: R
         progress = tqdm(total=total_steps, initial=global_step, desc=f"{recipe.name}", dynamic_ncols=True)
 
     nonfinite_total, nonfinite_run = 0, 0
+    run_start = time.perf_counter()
     window: dict[str, list[float]] = {}
     window_tokens, window_start = 0, time.perf_counter()
     model.train()
@@ -328,12 +364,18 @@ def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: R
 
         if epoch_done or global_step == total_steps or (cfg.save_steps and global_step % cfg.save_steps == 0):
             name = f"epoch-{global_step // steps_per_epoch}" if epoch_done else f"step-{global_step:07d}"
-            state = {
-                "global_step": global_step,
-                "epoch": global_step / steps_per_epoch,
-                "steps_per_epoch": steps_per_epoch,
-                "total_steps": total_steps,
-            }
+            state = hf_trainer_state(
+                log.records,
+                global_step=global_step,
+                steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps,
+                per_device_batch_size=cfg.per_device_batch_size,
+                logging_steps=cfg.logging_steps,
+                eval_steps=cfg.eval_steps,
+                save_steps=cfg.save_steps,
+                train_runtime=time.perf_counter() - run_start,
+                global_batch_size=global_batch,
+            )
             save_checkpoint(accelerator, model, tokenizer, cfg, name, state, scheduler)
             if not epoch_done and accelerator.is_main_process:
                 checkpoint.prune_step_checkpoints(run_dir.path, cfg.save_total_limit)
@@ -385,5 +427,28 @@ def _clip(accelerator: Accelerator, model, max_norm: float) -> torch.Tensor:
 
 
 def final_model_dir(output_dir: str | Path) -> Path | None:
+    """Where the finished run's model is: the top of ``output_dir`` (as HF Trainer leaves it) once
+    published, else the newest checkpoint's ``model/``."""
+    if (Path(output_dir) / "config.json").is_file() or (Path(output_dir) / "adapter_config.json").is_file():
+        return Path(output_dir)
     found = checkpoint.list_checkpoints(output_dir)
     return found[-1] / MODEL_DIR if found else None
+
+
+def publish_final_model(cfg: CommonConfig, accelerator: Accelerator, result: RunResult, summary: dict) -> None:
+    """The final model (or adapter), its model card and ``trainer_state.json`` at the top of ``output_dir``."""
+    if not accelerator.is_main_process:
+        return
+    found = checkpoint.list_checkpoints(cfg.output_dir)
+    if not found:
+        return
+    from mmpo.config import to_dict
+    from mmpo.publish.export import copy_final_model
+    from mmpo.publish.model_card import invocation, write_model_card
+    from mmpo.publish.trainer_state import write_trainer_state
+
+    run_dir = RunDir(cfg.output_dir)
+    copy_final_model(found[-1] / MODEL_DIR, run_dir.path)
+    write_trainer_state(run_dir.path / TRAINER_STATE_FILE, checkpoint.read_trainer_state(found[-1]))
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    write_model_card(run_dir.path, to_dict(cfg), metrics=metrics, command=invocation(), adapter=cfg.lora)

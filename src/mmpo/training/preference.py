@@ -29,6 +29,7 @@ from mmpo.training.loop import (
     make_accelerator,
     mixed_precision,
     prepare_run_dir,
+    publish_final_model,
     run,
     settle_batch,
 )
@@ -326,6 +327,7 @@ def train(cfg: TrainConfig) -> RunResult:
         run_dir.write_json(run_dir.data_report, reports)
     init_trackers(accelerator, cfg, "mmpo")
     result = run(cfg, accelerator, model, tokenizer, Recipe(cfg.objective, train_examples, step, evaluate))
+    publish_final_model(cfg, accelerator, result, summarize(cfg, result))
     result.summary = summarize(cfg, result)
     if accelerator.is_main_process:
         run_dir.write_json(run_dir.summary, result.summary)

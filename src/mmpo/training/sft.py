@@ -16,6 +16,7 @@ from mmpo.training.loop import (
     init_trackers,
     make_accelerator,
     prepare_run_dir,
+    publish_final_model,
     run,
     settle_batch,
 )
@@ -65,6 +66,7 @@ def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) ->
     init_trackers(accelerator, cfg, "mmpo-sft")
     recipe = Recipe("sft", train_examples, micro_step, evaluate if eval_examples else None)
     result = run(cfg, accelerator, model, tokenizer, recipe)
+    publish_final_model(cfg, accelerator, result, {"steps": result.global_step})
     result.summary = {
         "output_dir": str(cfg.output_dir),
         "steps": result.global_step,
