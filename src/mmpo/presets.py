@@ -71,6 +71,18 @@ def preset_values(name: str, objective: str) -> dict[str, Any]:
     return values
 
 
+def with_preset(values: dict[str, Any]) -> dict[str, Any]:
+    """TrainConfig values given as a mapping (a sweep's YAML) with their ``preset`` expanded beneath them.
+
+    Unlike :func:`apply_preset`, every key present in ``values`` wins, even one equal to its
+    TrainConfig default (a config object cannot tell such a value from "unset")."""
+    values = dict(values)
+    name = values.pop("preset", None)
+    if not name:
+        return values
+    return {**preset_values(name, values.get("objective", TrainConfig.objective)), **values}
+
+
 def apply_preset(cfg: TrainConfig) -> TrainConfig:
     """Fill the settings of ``cfg.preset`` that ``cfg`` leaves at their defaults."""
     if not cfg.preset:
