@@ -271,7 +271,7 @@ def config_path(argv: list[str]) -> str | None:
     return found
 
 
-def _file_defaults(cls: type, argv: list[str]) -> Any:
+def _file_defaults(cls: type, argv: list[str], read_config: bool = True) -> Any:
     """``cls`` with the values of the ``--config`` file; required fields left to the command line."""
     from mmpo.config import ConfigError, from_dict, load_yaml
 
@@ -280,13 +280,16 @@ def _file_defaults(cls: type, argv: list[str]) -> Any:
         for f in dataclasses.fields(cls)
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     }
-    path = config_path(argv)
+    path = config_path(argv) if read_config else None
     if not path:
         return cls(**required)
     values = load_yaml(path)
     if "config" in values:
         raise ConfigError(f"{path}: a config file cannot name another config file (key 'config')")
-    return from_dict(cls, values, source=path, base=cls(**required))
+    defaults = from_dict(cls, values, source=path, base=cls(**required))
+    if not required:  # a file's values are checked before the parser sees them as defaults
+        _check_values(defaults)
+    return defaults
 
 
 def _check_values(args: Any) -> Any:
@@ -297,15 +300,15 @@ def _check_values(args: Any) -> Any:
     return args
 
 
-def parse_dataclass(cls: type, argv: list[str], prog: str, description: str) -> Any:
+def parse_dataclass(cls: type, argv: list[str], prog: str, description: str, read_config: bool = True) -> Any:
     """``--config`` YAML as defaults, then tyro for the flags."""
-    default = _file_defaults(cls, argv)
+    default = _file_defaults(cls, argv, read_config)
     return _check_values(tyro.cli(cls, args=argv, default=default, prog=prog, description=description))
 
 
-def parse_sectioned(cls: type, argv: list[str], prog: str, description: str) -> Any:
+def parse_sectioned(cls: type, argv: list[str], prog: str, description: str, read_config: bool = True) -> Any:
     """A training config (``cls``) with ``--help`` in sections; returns a ``cls``."""
-    default = _to_sections(cls, _file_defaults(cls, argv))
+    default = _to_sections(cls, _file_defaults(cls, argv, read_config))
     parsed = tyro.cli(sectioned_class(cls), args=argv, default=default, prog=prog, description=description)
     return _from_sections(cls, parsed)
 
@@ -336,13 +339,13 @@ class Command:
     sectioned: bool = False  # a training config: --help in sections
     file_is_spec: bool = False  # --config is the command's own spec file (a sweep), not its flag values
 
-    def parse(self, argv: list[str]) -> Any:
+    def parse(self, argv: list[str], read_config: bool = True) -> Any:
         prog, cls = f"mmpo {self.name}", self.args()
         if self.sectioned:
-            return parse_sectioned(cls, argv, prog, self.description)
+            return parse_sectioned(cls, argv, prog, self.description, read_config)
         if self.file_is_spec:
             return _check_values(tyro.cli(cls, args=argv, prog=prog, description=self.description))
-        return parse_dataclass(cls, argv, prog, self.description)
+        return parse_dataclass(cls, argv, prog, self.description, read_config)
 
 
 COMMANDS: dict[str, Command] = {
@@ -438,9 +441,10 @@ class Invocation:
     args: Any  # the parsed dataclass (a TrainConfig for `mmpo train`)
 
 
-def parse(argv: list[str]) -> Invocation:
+def parse(argv: list[str], *, read_config: bool = True) -> Invocation:
     """Parse an ``mmpo`` command line (without the leading ``mmpo``) and run nothing.
 
+    ``read_config=False`` leaves a ``--config`` file unread (checking a command written in the docs).
     Bad flags exit as the parser does (SystemExit 2); bad config files raise ConfigError."""
     found = find_command(argv)
     if found is None:
@@ -448,7 +452,7 @@ def parse(argv: list[str]) -> Invocation:
 
         raise ConfigError(f"unknown command {' '.join(argv[:1])!r}; commands: {', '.join(COMMANDS)}")
     command, rest = found
-    return Invocation(command, command.parse(rest))
+    return Invocation(command, command.parse(rest, read_config))
 
 
 def usage() -> str:
