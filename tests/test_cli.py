@@ -5,6 +5,7 @@ output, and every command written in the README and docs parses."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import shlex
 import shutil
@@ -293,3 +294,12 @@ def test_doc_mmpo_commands_parse(path, command):
     for i, word in enumerate(args[:-1]):
         if word == "--config" and args[i + 1].startswith("configs/"):
             assert (REPO / args[i + 1]).is_file(), args[i + 1]
+
+
+def test_world_build_data_only_writes_the_data_files(tmp_path, capsys):
+    assert main(["world", "build", "--data-only", "--out", str(tmp_path), "--seed", "1"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["data/prefs_train"] > 0
+    for name, rows in counts.items():
+        assert len((tmp_path / f"{name}.jsonl").read_text().splitlines()) == rows
+    assert not (tmp_path / "sft_model").exists()  # no training

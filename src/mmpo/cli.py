@@ -32,6 +32,10 @@ class WorldBuildArgs:
     """Output folder (default: the package's assets/world)."""
     seed: int = 0
     """Seed of everything the world is built from."""
+    sft_epochs: int | None = None
+    """Epochs of the tiny model's SFT (default: the shipped world's)."""
+    data_only: bool = False
+    """Write the data files only (seconds; no tokenizer or model training)."""
     config: str | None = None
     """YAML file of these settings; flags given here override it."""
 

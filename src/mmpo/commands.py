@@ -79,9 +79,16 @@ def run_eval(args: Any) -> int:
 
 
 def run_world_build(args: WorldBuildArgs) -> int:
-    from mmpo.world.build import build_world
+    import json
 
-    build_world(seed=args.seed, **({"out_dir": args.out} if args.out else {}))
+    from mmpo.world.build import DEFAULT_OUT, build_world, generate_world_data
+
+    out = args.out or DEFAULT_OUT
+    if args.data_only:
+        info = generate_world_data(out, args.seed)
+    else:
+        info = build_world(out, args.seed, **({"sft_epochs": args.sft_epochs} if args.sft_epochs is not None else {}))
+    print(json.dumps(info, indent=2))
     return 0
 
 
