@@ -231,6 +231,14 @@ def test_console_prints_user_text_as_is(tmp_path, capsys, key):
     assert f"unknown config key '{key}'" in err and "error:" in err
 
 
+def test_a_row_id_with_an_emoji_code_is_printed_as_is(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MMPO_CACHE", str(tmp_path / "cache"))
+    bad = write(tmp_path / "prefs.jsonl", '{"prompt": "hi", "chosen": "a"}\n')  # row id prefs:train:0
+    assert main(["train", "--dataset", bad, "--output-dir", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "row 'prefs:train:0'" in err and "missing column(s) ['rejected']" in err and "--on-bad-rows skip" in err
+
+
 # ------------------------------------------------------------------------------- README and docs
 
 
@@ -257,8 +265,9 @@ def shell_commands(block: str) -> list[list[str]]:
 
 
 def mmpo_arguments(command: list[str]) -> list[str] | None:
-    """The arguments of an `mmpo` call (also `python -m mmpo.cli`, `accelerate launch ... -m mmpo.cli`)."""
-    words = [w for w in command if not re.fullmatch(r"[A-Z_]+=.*", w)] if command else []
+    """The arguments of an `mmpo` call (also `exec mmpo`, `python -m mmpo.cli`, `accelerate launch ... -m mmpo.cli`)."""
+    words = [w for w in command if not re.fullmatch(r"[A-Z_]+=.*", w)]  # environment assignments
+    words = words[1:] if words[:1] == ["exec"] else words
     if words[:1] == ["mmpo"]:
         return words[1:]
     if "mmpo.cli" in words:
@@ -303,3 +312,17 @@ def test_world_build_data_only_writes_the_data_files(tmp_path, capsys):
     for name, rows in counts.items():
         assert len((tmp_path / f"{name}.jsonl").read_text().splitlines()) == rows
     assert not (tmp_path / "sft_model").exists()  # no training
+
+
+SCRIPTS = sorted([*(REPO / "examples").rglob("*.sh"), *(REPO / "examples").rglob("*.sbatch")])
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_example_scripts_are_valid_bash_and_their_mmpo_commands_parse(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    calls = [mmpo_arguments(c) for c in shell_commands(script.read_text())]
+    calls = [[re.sub(r"\$\{?\w+\}?", "1", word) for word in c] for c in calls if c is not None]  # variables: 1
+    assert calls
+    for args in calls:
+        parse(args, read_config=False)
