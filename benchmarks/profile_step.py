@@ -6,7 +6,7 @@ matmul work TRL's DPO and our engine do on the benchmark's pairs (docs/performan
 Prints: the peak fp32 matmul rate of one core (a lone 1536x576x1536 matmul), one DPO step of our
 forward pass (shared prompt, packing, chunked log-probs, selective recompute) under
 ``torch.profiler`` (top ops by self time), and the FLOP count ``6 x parameters x tokens`` of the
-``mmpo bench vs-trl`` timed steps for both trainers: ours runs prompt + chosen + rejected once and
+``benchmarks/bench_vs_trl.py`` timed steps for both trainers: ours runs prompt + chosen + rejected once and
 the LM head only on scored tokens (forward, recompute and backward: 8 x head parameters per
 token); TRL runs two padded sequences per pair through the whole model.
 """
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 import torch
+from workload import bench_tokenizer, model_config, synthetic_pairs
 
-from mmpo.bench import bench_tokenizer, model_config, synthetic_pairs
 from mmpo.data import load_rows, prepare_preference_examples
 from mmpo.data.order import epoch_order
 from mmpo.forward import ForwardOptions, preference_logps
@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"one-core fp32 matmul: {matmul_peak():.1f} GFLOP/s")
     tokenizer = bench_tokenizer()
-    batch, warmup, steps = 2, 1, 5  # mmpo bench vs-trl's defaults at the 135M shape
+    batch, warmup, steps = 2, 1, 5  # bench_vs_trl.py's defaults at the 135M shape
     with tempfile.TemporaryDirectory() as folder:  # loaded as the bench loads them (same row order)
         path = Path(folder) / "pairs.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(batch * (warmup + steps), 0)))

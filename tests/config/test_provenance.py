@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmpo.cli import _parse_config
+from mmpo.cli import parse
 from mmpo.config import (
     ConfigError,
     SFTConfig,
@@ -22,7 +22,7 @@ from mmpo.dry_run import plan, render
 
 
 def from_cli(argv: list[str]) -> TrainConfig:
-    return apply_preset(_parse_config(TrainConfig, argv, "mmpo train", ""))
+    return apply_preset(parse(["train", *argv]).args)
 
 
 def from_yaml(tmp_path, text: str) -> TrainConfig:

@@ -142,7 +142,7 @@ def test_build_world_end_to_end_on_a_small_world(tmp_path):
 @pytest.fixture(scope="module")
 def world_info():
     path = DEFAULT_OUT / "world.json"
-    assert path.exists(), f"{path} is missing: rebuild with `python -m mmpo.world.build`"
+    assert path.exists(), f"{path} is missing: rebuild with `mmpo world build`"
     return json.loads(path.read_text())
 
 

@@ -15,7 +15,7 @@ from mmpo.config.files import (
 )
 from mmpo.config.presets import PRESETS, SFT_PRESETS, apply_preset, preset_values
 from mmpo.config.provenance import is_user_set, sources, with_values
-from mmpo.config.training import CommonConfig, ConfigError, SFTConfig, TrainConfig, resolve
+from mmpo.config.training import CommonConfig, ConfigError, SFTConfig, TrainConfig, check_types, resolve
 
 __all__ = [
     "LORA_ALL_PROJECTIONS",
@@ -30,6 +30,7 @@ __all__ = [
     "apply_preset",
     "bundled_path",
     "check_keys",
+    "check_types",
     "config_fields",
     "flat_hparams",
     "from_dict",

@@ -95,6 +95,7 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
 # Keys whose change does not make a resumed run a different run.
 RESUME_NEUTRAL_KEYS = {
     "resume",
+    "dry_run",
     "progress",
     "report_to",
     "run_name",

@@ -62,6 +62,17 @@ def with_sources(cfg: T, recorded: dict[str, str]) -> T:
     return cfg
 
 
+def given_sources(cfg: Any) -> dict[str, str]:
+    """The fields somebody set, with their sources (no ``default`` entries)."""
+    return dict(getattr(cfg, "_sources", {}))
+
+
+def set_sources(cfg: T, recorded: dict[str, str]) -> T:
+    """``cfg`` with exactly ``recorded`` as its record (e.g. a parser built it from every field)."""
+    object.__setattr__(cfg, "_sources", dict(recorded))
+    return cfg
+
+
 def flags_in_argv(cls: type, argv: Sequence[str]) -> set[str]:
     """Config fields named by ``--flag`` options in ``argv`` (dashes or underscores, ``--no-flag`` too)."""
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -95,6 +95,8 @@ class CommonConfig:
     """Keep only the newest N step checkpoints (epoch checkpoints are always kept; 0 = keep all)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir."""
+    dry_run: bool = False
+    """Print every resolved setting with its source, the data sizes, steps and a memory estimate; run nothing."""
     report_to: tuple[str, ...] = ()
     """Experiment trackers through Accelerate: tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab, all or none."""
     run_name: str | None = None

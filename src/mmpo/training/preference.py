@@ -248,7 +248,12 @@ def fit_lengths(cfg: TrainConfig) -> TrainConfig:
     window = model_context_length(cfg)
     if window is None or cfg.max_prompt_length + cfg.max_completion_length <= window:
         return cfg
-    mine = [k for k in ("max_prompt_length", "max_completion_length") if is_user_set(cfg, k)]
+    defaults = TrainConfig()
+    mine = [
+        k
+        for k in ("max_prompt_length", "max_completion_length")
+        if is_user_set(cfg, k) and getattr(cfg, k) != getattr(defaults, k)
+    ]
     if mine:
         raise ConfigError(
             f"max_prompt_length {cfg.max_prompt_length} + max_completion_length {cfg.max_completion_length} is "

@@ -2,12 +2,11 @@
 
 ``generate_world_data`` writes the data only (seconds). ``build_world`` also trains the
 tokenizer and the model and writes ``world.json``; the shipped assets under
-``src/mmpo/assets/world/`` come from ``python -m mmpo.world.build`` (a few minutes on 2 cores).
+``src/mmpo/assets/world/`` come from ``mmpo world build`` (a few minutes on 2 cores).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -190,20 +189,3 @@ def build_world(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, *, sizes: Worl
     info["build_seconds"] = round(time.monotonic() - started, 1)
     (out_dir / "world.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the embedded mmpo world (data, tokenizer, SFT model).")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft-epochs", type=int, default=SFT_EPOCHS)
-    parser.add_argument("--data-only", action="store_true", help="write the data files only (no training)")
-    args = parser.parse_args(argv)
-    if args.data_only:
-        print(json.dumps(generate_world_data(args.out, args.seed), indent=2))
-    else:
-        print(json.dumps(build_world(args.out, args.seed, sft_epochs=args.sft_epochs), indent=2))
-
-
-if __name__ == "__main__":
-    main()

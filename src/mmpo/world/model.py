@@ -24,15 +24,6 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerBase, *, hidden_size: int = 
     )
 
 
-def smollm2_135m_config(vocab_size: int = 49152) -> LlamaConfig:
-    """SmolLM2-135M's shape (random weights) for benchmarks."""
-    return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-        num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-        tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
-    )
-
-
 def build_tiny_llama(tokenizer: PreTrainedTokenizerBase, seed: int = 0, **shape) -> LlamaForCausalLM:
     import torch
 

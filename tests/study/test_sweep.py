@@ -17,9 +17,9 @@ import yaml
 from filelock import FileLock
 
 from mmpo.config import ConfigError, TrainConfig
-from mmpo.report import collect, write_report
-from mmpo.sweep import (
+from mmpo.study import (
     RunBusy,
+    collect,
     estimate_gpu_memory,
     load_plan,
     load_sweep,
@@ -28,13 +28,11 @@ from mmpo.sweep import (
     run_status,
     run_sweep,
     sweep_from_dict,
-)
-from mmpo.sweep import (
-    command as sweep_command,
     validation_reward_accuracy,
+    write_report,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORDS = ["banop", "zorbat", "mipo", "tuvalak", "fox", "dog", "quick", "lazy", "brown", "hello"]
 
 
@@ -147,14 +145,17 @@ def test_shipped_sweep_configs_plan(config, tmp_path):
     assert any(r.kind == "train" for r in plan.runs) or plan.waiting
 
 
-def test_dry_run_prints_runs_steps_checkpoints_and_memory_estimate(tmp_path):
+def test_dry_run_prints_runs_steps_checkpoints_and_memory_estimate(tmp_path, monkeypatch):
     from rich.console import Console
+
+    from mmpo.cli import main
 
     buffer = io.StringIO()
     console = Console(file=buffer, width=200)
     out_dir = tmp_path / "never"
-    assert sweep_command(["--config", str(REPO / "configs" / "sweeps" / "smollm2-360m.yaml"), "--dry-run",
-                          "--out", str(out_dir)], say=console.print) == 0
+    monkeypatch.setattr("mmpo.commands.say", console.print)
+    assert main(["sweep", "--config", str(REPO / "configs" / "sweeps" / "smollm2-360m.yaml"), "--dry-run",
+                 "--out", str(out_dir)]) == 0
     out = buffer.getvalue()
     assert "training runs" in out and "optimizer steps" in out and "checkpoints to evaluate" in out
     assert "GiB" in out and "estimate" in out
@@ -329,8 +330,8 @@ def test_run_one_needs_a_plan(tmp_path, capsys):
 
 @pytest.mark.parametrize("layout", ["mmpo", "hf"])
 def test_training_finished_reads_both_trainer_state_layouts(tmp_path, layout):
-    from mmpo import checkpoint
-    from mmpo.sweep import training_finished
+    from mmpo.training import checkpoint
+    from mmpo.study.status import training_finished
     from mmpo.publish.trainer_state import hf_trainer_state
 
     def state(step: int) -> dict:

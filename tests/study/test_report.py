@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmpo.report import collect, write_report
+from mmpo.study import collect, write_report
 
 GRID = {  # (objective, variant) -> betas, seeds
     ("mmpo", ""): ([0.01, 0.1, 0.5], [1, 2, 3]),
@@ -73,7 +73,7 @@ def make_sweep(root: Path, *, seed: int = 0, length_controlled: bool = True) -> 
 
 
 def read_points(root: Path, length_controlled: bool = True) -> list[dict]:
-    """The numbers straight from the files, independently of mmpo.report."""
+    """The numbers straight from the files, independently of mmpo.study."""
     plan = json.loads((root / "plan.json").read_text())
     points = []
     for run in plan["runs"]:
