@@ -7,21 +7,12 @@ weights, tokenizes nothing and writes nothing.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 from mmpo.config import CommonConfig, SFTConfig, TrainConfig, apply_preset, resolve, sources, to_dict
 from mmpo.config.presets import preset_global_batch
 from mmpo.config.training import batch_layout
-from mmpo.data import DatasetSpec, load_rows
-
-
-def _count_rows(datasets: tuple[str, ...], seed: int) -> int | None:
-    """Rows of local datasets (with mixture weights applied); None when one is on the Hub."""
-    specs = [DatasetSpec.parse(d) for d in datasets]
-    if not all(Path(spec.path).expanduser().exists() for spec in specs):
-        return None
-    return len(load_rows(specs, seed=seed))
+from mmpo.study.estimate import count_rows, estimate_gpu_memory
 
 
 def plan(cfg: CommonConfig, processes: int = 1) -> dict[str, Any]:
@@ -36,8 +27,9 @@ def plan(cfg: CommonConfig, processes: int = 1) -> dict[str, Any]:
     if layout.accumulation != cfg.gradient_accumulation_steps:
         origin["gradient_accumulation_steps"] = "global_batch_size"
     settings = {**to_dict(cfg), "gradient_accumulation_steps": layout.accumulation}
-    train_rows = _count_rows(cfg.dataset, cfg.seed)
-    eval_rows = _count_rows(cfg.eval_dataset, cfg.seed) if cfg.eval_dataset else 0
+    train_rows = count_rows(cfg.dataset)
+    eval_rows = count_rows(cfg.eval_dataset) if cfg.eval_dataset else 0
+    memory = estimate_gpu_memory(cfg) if isinstance(cfg, TrainConfig) else None
     steps_per_epoch = train_rows // layout.global_batch if train_rows is not None else None
     total = None
     if steps_per_epoch is not None:
@@ -55,6 +47,8 @@ def plan(cfg: CommonConfig, processes: int = 1) -> dict[str, Any]:
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total,
         "warmup_steps": math.ceil(cfg.warmup_ratio * total) if total else None,
+        "memory_gib": round(memory.total_gib, 1) if memory else None,
+        "memory_parts": {k: round(v, 2) for k, v in memory.parts.items()} if memory else None,
     }
 
 
@@ -66,7 +60,7 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"  {key:<{width}}  {value!r:<40}  [{result['sources'][key]}]")
 
     def counted(rows):
-        return "on the Hub (not counted offline)" if rows is None else f"{rows} rows"
+        return "on the Hub, size unknown offline" if rows is None else f"{rows} rows"
 
     lines += [
         "",
@@ -79,4 +73,7 @@ def render(result: dict[str, Any]) -> str:
             f"steps: {result['steps_per_epoch']} per epoch, {result['total_steps']} in total "
             f"({result['warmup_steps']} warm-up), before rows dropped by validation or truncation"
         )
+    if result["memory_gib"] is not None:
+        parts = ", ".join(f"{k} {v}" for k, v in result["memory_parts"].items())
+        lines.append(f"GPU memory per process: ~{result['memory_gib']} GiB, an estimate, not a measurement ({parts})")
     return "\n".join(lines)

@@ -93,7 +93,10 @@ def test_dry_run_shows_sources_counts_and_steps_without_loading(monkeypatch):
     text = render(result)
     assert "[api]" in text and "[objective default]" in text and "500 in total" in text
     hub = plan(TrainConfig(preset="smollm2-135m-instruct"))
-    assert hub["train_rows"] is None and "on the Hub" in render(hub)
+    assert hub["train_rows"] == 12359 + 61135  # the paper's Hub datasets, counted from a table offline
+    assert hub["steps_per_epoch"] == (12359 + 61135) // 128
+    unknown = plan(TrainConfig(dataset=("someone/unknown-prefs:train",)))
+    assert unknown["train_rows"] is None and "size unknown offline" in render(unknown)
 
 
 def test_sft_presets_and_the_two_starting_points():

@@ -135,7 +135,7 @@ def test_sweep_values_override_preset_values_even_when_they_equal_the_defaults(t
                        set_values=["epochs=1"])
     run = next(r for r in make_plan(sweep, tmp_path).runs if r.kind == "train")
     assert run.config.epochs == 1  # the preset says 5; 1 is TrainConfig's default
-    assert run.config.model == "HuggingFaceTB/SmolLM2-135M-Instruct" and run.config.preset is None
+    assert run.config.model == "runs/sft-smollm2-135m"  # the preset starts from the paper's SFT stage
 
 
 @pytest.mark.parametrize("config", sorted((REPO / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.stem)

@@ -59,7 +59,16 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": False,
     },
 }
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 2}  # auto: bf16 on a GPU
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "auto": 4}  # auto: float32 master weights
+
+
+def activation_bytes(cfg: TrainConfig) -> int:
+    """Bytes per activation value on a GPU: 2 under bf16/fp16 autocast (``mixed_precision`` auto
+    with float32 weights), else the weights' width."""
+    autocast = cfg.mixed_precision in ("bf16", "fp16") or (
+        cfg.mixed_precision == "auto" and cfg.dtype in ("auto", "float32")
+    )
+    return 2 if autocast else BYTES[cfg.dtype]
 
 
 def count_rows(specs: tuple[str, ...]) -> int | None:
@@ -144,14 +153,15 @@ def estimate_gpu_memory(cfg: TrainConfig) -> MemoryEstimate | None:
     state_bytes = 2 if cfg.optimizer == "adamw_8bit" else 2 * trainable_bytes
     hidden, layers = config.hidden_size, config.num_hidden_layers
     tokens = 2 * cfg.per_device_batch_size * (cfg.max_prompt_length + cfg.max_completion_length)
-    per_token_layer = width if cfg.gradient_checkpointing else 17 * width  # 34 bytes at 16-bit
+    act = activation_bytes(cfg)
+    per_token_layer = act if cfg.gradient_checkpointing else 17 * act  # 34 bytes at 16-bit
     gib = 1024**3
     parts = {
         "weights": params * width / gib,
         "gradients": trainable * trainable_bytes / gib,
         "optimizer": trainable * state_bytes / gib,
         "activations": tokens * hidden * layers * per_token_layer / gib,
-        "logits": tokens * config.vocab_size * (width + 8) / gib,
+        "logits": tokens * config.vocab_size * (act + 8) / gib,
         "cuda_context": 1.0,
     }
     if cfg.lora:
