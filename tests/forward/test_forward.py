@@ -16,15 +16,19 @@ import warnings
 
 import pytest
 import torch
+from forward.exactness import (
+    assert_grads_close,
+    assert_logps_close,
+    encode_pairs,
+    loss_and_grads,
+    sensitive_llama,
+)
 
 import mmpo.forward.logps as logps_module
+import mmpo.forward.scoring as scoring_module
 from mmpo.data.order import length_grouped_order
-from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps, score_hidden, sft_loss
-from mmpo.forward import attention
+from mmpo.forward import ForwardOptions, attention, preference_logps, score_hidden, sft_loss
 from mmpo.forward import layout as layouts
-from mmpo.objectives import dpo_loss, mmpo_loss, simpo_loss
-from mmpo.world.model import build_tiny_llama
-from mmpo.world.tokenizer import END
 
 KERNELS = ["sdpa", "eager"]
 FAST_OPTIONS = {
@@ -35,12 +39,6 @@ FAST_OPTIONS = {
     "shared+packed+chunked": ForwardOptions(share_prompt=True, packing=True, logits_chunk_size=4),
     "dense-mask": ForwardOptions(share_prompt=True, packing=True, segmented_attention=False, logits_chunk_size=4),
 }
-PAIRS = [  # (prompt, chosen, rejected): different lengths, so rows pad, pack and pair up differently
-    ("What is the first letter of zorbat?", "It is z.", "I am not sure about that, sorry."),
-    ("Repeat the word banop please.", "banop", "The quick brown fox jumps over the lazy dog."),
-    ("Hi", "Hello there! How are you today?", "0123"),
-    ("Which word is longer, mipo or tuvalak? Let me think about it.", "tuvalak", "mipo"),
-]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,74 +48,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def encode_pairs(tokenizer, pairs=PAIRS) -> list[dict]:
-    """Tokenized preference examples as the data module makes them (chat template, EOS-closed)."""
-    out = []
-    for i, (prompt, chosen, rejected) in enumerate(pairs):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
-        encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        out.append({"id": f"t:{i}", "prompt_ids": encode(text), "chosen_ids": encode(chosen + END),
-                    "rejected_ids": encode(rejected + END)})
-    return out
-
-
-def sensitive_llama(tokenizer, kernel: str = "sdpa", seed: int = 0):
-    model = build_tiny_llama(tokenizer, seed=seed, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    model.set_attn_implementation(kernel)
-    return model
-
-
-def objective_loss(name: str, logps: PreferenceLogps) -> torch.Tensor:
-    batch = logps.chosen_logps.shape[0]
-    ref_w = torch.linspace(-40.0, -10.0, batch)
-    ref_l = torch.linspace(-35.0, -20.0, batch)
-    if name == "mmpo":
-        return mmpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.5).losses.mean()
-    if name == "dpo":
-        return dpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.1).losses.mean()
-    if name == "simpo":
-        return simpo_loss(logps.chosen_logps, logps.rejected_logps, logps.chosen_lengths, logps.rejected_lengths,
-                          beta=2.0, gamma=1.0).losses.mean()
-    assert name == "entropy"  # MMPO plus the entropy surrogate term, as the engine combines them
-    entropy = torch.cat([logps.chosen_entropy, logps.rejected_entropy]).mean()
-    return mmpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.5).losses.mean() - 0.3 * entropy
-
-
-def loss_and_grads(model, examples, objective: str, options, pad: int, *, length_normalize=False):
-    model.zero_grad(set_to_none=True)
-    logps = preference_logps(model, examples, pad_token_id=pad, compute_entropy=objective == "entropy",
-                             length_normalize=length_normalize, options=options)
-    loss = objective_loss(objective, logps)
-    loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return logps, loss.detach(), grads
-
-
-def assert_grads_close(got: dict, want: dict, rel: float = 1e-4) -> None:
-    assert got.keys() == want.keys()
-    for name, g in want.items():
-        scale = float(g.abs().max())
-        assert scale > 0, f"{name}: reference gradient is zero, the check would be vacuous"
-        err = float((got[name] - g).abs().max())
-        assert err <= rel * scale, f"{name}: max |grad diff| {err:.3g} > {rel} x {scale:.3g}"
-
-
-def assert_logps_close(got: PreferenceLogps, want: PreferenceLogps) -> None:
-    for field in ("chosen_logps", "rejected_logps"):
-        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-5)
-    assert got.chosen_lengths.tolist() == want.chosen_lengths.tolist()
-    assert got.rejected_lengths.tolist() == want.rejected_lengths.tolist()
-    if want.chosen_entropy is not None:
-        torch.testing.assert_close(got.chosen_entropy, want.chosen_entropy, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(got.rejected_entropy, want.rejected_entropy, rtol=1e-5, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +143,7 @@ def test_a_wrong_mask_is_caught(tokenizer, monkeypatch):
 def test_shared_prompt_layout_positions_and_visibility():
     # prompt [11, 12], chosen [21, 22], rejected [31]
     unit = layouts.shared_prompt_unit([11, 12], [21, 22], [31], pair=0, num_pairs=1)
-    layout = layouts.build_layout([unit], [[0]], pad_token_id=0, device="cpu", mask_kind="bool", segmented=False)
+    layout = layouts.build_layout([unit], [[0]], pad_token_id=0, device="cpu", mask_kind="bool", attention="mask")
     assert layout.input_ids.tolist() == [[11, 12, 21, 22, 31]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
     sees = layout.attention_mask[0, 0].int().tolist()
@@ -300,7 +230,7 @@ def test_chunked_scoring_matches_and_saves_no_logits():
     for chunk in (0, 8):
         hidden.grad, head.weight.grad = None, None
         out = {}
-        kept = retained_bytes(lambda: out.update(zip(("logps", "entropy"), score_hidden(
+        kept = retained_bytes(lambda out=out, chunk=chunk: out.update(zip(("logps", "entropy"), score_hidden(
             head, hidden, targets, with_entropy=True, chunk_size=chunk))))
         (out["logps"].sum() + 0.5 * out["entropy"].sum()).backward()
         results[chunk] = (kept, out["logps"].detach(), hidden.grad.clone(), head.weight.grad.clone())
@@ -317,7 +247,8 @@ def test_selective_recompute_keeps_less_and_restores_the_model(tokenizer):
     kept = {}
     for on in (False, True):
         options = ForwardOptions(share_prompt=False, packing=False, logits_chunk_size=0, selective_recompute=on)
-        kept[on] = retained_bytes(lambda: preference_logps(model, examples, pad_token_id=pad, options=options))
+        kept[on] = retained_bytes(lambda options=options: preference_logps(model, examples, pad_token_id=pad,
+                                                                           options=options))
     assert kept[True] < 0.7 * kept[False]
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
@@ -338,7 +269,7 @@ def test_model_that_rejects_4d_masks_falls_back_with_one_warning(tokenizer):
     model.forward = no_4d_masks
     examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
     want = preference_logps(model, examples, pad_token_id=pad)
-    logps_module._warned.clear()
+    scoring_module._warned.clear()
     with pytest.warns(RuntimeWarning, match="not exact for this model.*only takes 2D"):
         got = preference_logps(model, examples, pad_token_id=pad, options=ForwardOptions())
     assert_logps_close(got, want)
@@ -357,7 +288,7 @@ def test_model_that_ignores_our_masks_and_plans_is_detected_by_the_probe(tokeniz
 
     model.forward = ignoring
     examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
-    logps_module._warned.clear()
+    scoring_module._warned.clear()
     with pytest.warns(RuntimeWarning, match="differ from the padded path"):
         got = preference_logps(model, examples, pad_token_id=pad, options=ForwardOptions())
     assert_logps_close(got, preference_logps(model, examples, pad_token_id=pad))
@@ -371,7 +302,7 @@ def test_attention_mode_per_kernel(tokenizer):
     assert logps_module.choose_attention(model, ForwardOptions(share_prompt=False, packing=False), pad, 50) == "padded"
     assert logps_module.choose_attention(sensitive_llama(tokenizer, "eager"), ForwardOptions(), pad, 50) == "mask"
     model.config._attn_implementation = "flash_attention_2"  # decided before the model runs
-    logps_module._warned.clear()
+    scoring_module._warned.clear()
     with pytest.warns(RuntimeWarning, match="cannot take the shared-prompt"):
         assert logps_module.choose_attention(model, ForwardOptions(), pad, 50) == "padded"
 
@@ -382,16 +313,15 @@ def test_segmented_attention_equals_dense_masked_attention():
              layouts.sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
              layouts.shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3)]
     rows = [[0, 2], [1]]
-    segmented = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=True)
-    dense = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=False)
+    segmented = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", attention="segmented")
+    dense = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", attention="mask")
     assert torch.equal(segmented.position_ids, dense.position_ids)
     torch.manual_seed(0)
     width = dense.input_ids.shape[1]
     query = torch.randn(2, 4, width, 8, dtype=torch.float64, requires_grad=True)
     key, value = torch.randn(2, 2, width, 8, dtype=torch.float64), torch.randn(2, 2, width, 8, dtype=torch.float64)
-    attention.install_segmented_attention()
-    got, _ = attention.sdpa_or_segmented(None, query, key, value, segmented.attention_mask, scaling=0.3,
-                                   mmpo_attention_plan=segmented.plan)
+    got, _ = attention.segmented_attention(None, query, key, value, segmented.attention_mask, scaling=0.3,
+                                           mmpo_attention_plan=segmented.plan)
     want = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense.attention_mask,
                                                             scale=0.3, enable_gqa=True).transpose(1, 2)
     real = dense.input_ids != 0

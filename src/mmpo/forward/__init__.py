@@ -3,7 +3,7 @@
 The data loader hands over lists of tokenized examples (see docs/architecture.md) and this module
 builds the tensors, so the layout (padding, shared prompt, packing) is decided here and nowhere
 else. ``preference_logps`` and ``sft_loss`` without ``options`` run the plain padded path: the
-reference every faster path must match (tests/test_forward.py checks log-probs and gradients).
+reference every faster path must match (tests/forward/ checks log-probs and gradients).
 
 The fast paths (``ForwardOptions``; all exact, all on by default; see docs/performance.md):
 
@@ -20,9 +20,19 @@ The fast paths (``ForwardOptions``; all exact, all on by default; see docs/perfo
   the backward pass; norms, RoPE and activations are replayed from them (torch's selective
   activation checkpointing).
 
-A layout that needs a 4D mask is used only with attention kernels that honour one (``sdpa``,
-``eager``) and after a one-time probe on the model shows it matches the padded path; otherwise
-the padded path runs, with a warning once.
+How attention keeps sequences apart in those layouts (the first that the model allows and a
+one-time probe on it shows equal to the padded path; otherwise the padded path, with a warning):
+
+* **flex** (CUDA, sdpa models) - FlexAttention with a block-sparse mask built once per micro-batch
+  from the layout (``flex.py``): one fused kernel per layer that skips the masked blocks.
+* **segmented** (sdpa models; the CPU path) - one sdpa call per sequence part (``attention.py``).
+* **mask** (sdpa or eager) - one dense call with a ``[rows, 1, width, width]`` mask.
+
+The first two are our attention functions, registered with transformers under their own names
+(``mmpo_flex``, ``mmpo_segmented``) and selected on the model's config only while our forward
+pass runs (and when checkpointed layers replay it): transformers' ``sdpa`` itself is never
+replaced. Optionally (``liger_head``), Liger-Kernel's fused linear cross-entropy scores the
+completion tokens on CUDA where it is installed (``liger.py``).
 """
 
 from mmpo.forward.logps import preference_logps, sft_loss

@@ -8,6 +8,7 @@ filled by first-fit decreasing (packing) and turned into tensors plus, for segme
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,10 +16,11 @@ SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch of a token: a token sees SHARED tok
 #: Cost of one query-key pair of masked attention relative to one token through a layer stack of
 #: SmolLM2-135M's shape on CPU (measured: ~1.5x the FLOP ratio 2 * layers * hidden / parameters).
 DEFAULT_ATTENTION_RATIO = 4.6e-4
-#: How attention is restricted to each sequence: ``segmented`` runs one causal attention call per
-#: block of a row (sdpa only, no wasted query-key pairs), ``mask`` one dense call with a 4D mask,
-#: ``padded`` is the plain layout (one sequence per row, 2D padding mask).
-ATTENTION_MODES = ("segmented", "mask", "padded")
+#: How attention is restricted to each sequence: ``flex`` runs one FlexAttention kernel per layer
+#: with a block-sparse mask built once per micro-batch (CUDA), ``segmented`` one causal sdpa call
+#: per block of a row (no wasted query-key pairs; the CPU path), ``mask`` one dense call with a 4D
+#: mask, ``padded`` is the plain layout (one sequence per row, 2D padding mask).
+ATTENTION_MODES = ("flex", "segmented", "mask", "padded")
 
 
 @dataclass
@@ -81,13 +83,17 @@ class AttentionPlan:
 class Layout:
     input_ids: torch.Tensor  # [R, W]
     position_ids: torch.Tensor | None  # [R, W] (None: 0..W-1 in every row)
-    attention_mask: torch.Tensor  # [R, W] padding mask, [R, 1, W, W] dense mask, or a placeholder (segmented)
+    attention_mask: torch.Tensor  # [R, W] padding mask, [R, 1, W, W] dense mask, or a placeholder (segmented, flex)
     plan: AttentionPlan | None  # segmented attention only
     predictors: torch.Tensor  # [N] flat index into the [R * W] outputs
     targets: torch.Tensor  # [N]
     sequences: torch.Tensor  # [N]
     steps: torch.Tensor  # [N]
     num_tokens: int
+    segments: torch.Tensor  # [R, W] unit of each slot (-1: padding)
+    branches: torch.Tensor  # [R, W] SHARED, CHOSEN or REJECTED
+    attention: str = "padded"  # the ATTENTION_MODES entry the tensors are for ("padded": a plain 2D padding mask)
+    flex_mask: Any = None  # FlexAttention BlockMask (attention "flex" only; see forward/flex.py)
 
 
 def first_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -113,7 +119,7 @@ def assign_rows(lengths: list[int], packing: bool, attention_ratio: float = DEFA
     ``width**2`` query-key pairs a dense masked attention kernel computes, weighted by
     ``attention_ratio`` (cost of one query-key pair relative to one token through the layers).
     Few long rows waste no padding but pay quadratic attention; the estimate picks between them.
-    Segmented attention has no such cost (``attention_ratio=0``): everything goes in one row.
+    Segmented and flex attention skip masked pairs (``attention_ratio=0``): everything goes in one row.
     """
     if not packing:
         return [[i] for i in range(len(lengths))]
@@ -130,8 +136,12 @@ def assign_rows(lengths: list[int], packing: bool, attention_ratio: float = DEFA
 
 
 def build_layout(units: list[Unit], rows: list[list[int]], *, pad_token_id: int, device, mask_kind,
-                  segmented: bool = False) -> Layout:
-    """Tensors for ``units`` placed in ``rows`` (lists of unit indices, see ``assign_rows``)."""
+                  attention: str = "mask") -> Layout:
+    """Tensors for ``units`` placed in ``rows`` (lists of unit indices, see ``assign_rows``).
+
+    ``attention`` (``ATTENTION_MODES``) decides the mask: a dense ``[R, 1, W, W]`` one of
+    ``mask_kind`` for ``mask``, an ``AttentionPlan`` for ``segmented``, nothing for ``flex`` (its
+    block mask is built from ``segments``/``branches`` by the caller)."""
     width = max(sum(len(units[i].tokens) for i in row) for row in rows)
     tokens, positions, segments, branches, plan_rows = [], [], [], [], []
     predictors, targets, sequences, steps = [], [], [], []
@@ -165,19 +175,21 @@ def build_layout(units: list[Unit], rows: list[list[int]], *, pad_token_id: int,
     def tensor(values):
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    segment = tensor(segments)
+    segment, branch = tensor(segments), tensor(branches)
     plan = None
     simple = all(len(row) == 1 for row in rows) and all(b == SHARED for unit in units for b in unit.branches)
     if simple:  # one plain sequence per row: an ordinary padding mask does
-        attention_mask, position_ids = (segment >= 0).long(), None
-    elif segmented:  # the plan decides; the placeholder only stops transformers from building a mask
-        attention_mask, position_ids = torch.ones(len(rows), 1, 1, 1, dtype=torch.bool, device=device), tensor(positions)
-        plan = AttentionPlan(tuple(plan_rows))
+        attention_mask, position_ids, attention = (segment >= 0).long(), None, "padded"
+    elif attention in ("segmented", "flex"):  # the placeholder only stops transformers from building a mask
+        attention_mask = torch.ones(len(rows), 1, 1, 1, dtype=torch.bool, device=device)
+        position_ids = tensor(positions)
+        plan = AttentionPlan(tuple(plan_rows)) if attention == "segmented" else None
     else:
-        attention_mask, position_ids = block_mask(segment, tensor(branches), mask_kind), tensor(positions)
+        attention_mask, position_ids = block_mask(segment, branch, mask_kind), tensor(positions)
     return Layout(input_ids=tensor(tokens), position_ids=position_ids, attention_mask=attention_mask, plan=plan,
                    predictors=tensor(predictors), targets=tensor(targets), sequences=tensor(sequences),
-                   steps=tensor(steps), num_tokens=sum(len(u.tokens) for u in units))
+                   steps=tensor(steps), num_tokens=sum(len(u.tokens) for u in units), segments=segment,
+                   branches=branch, attention=attention)
 
 
 def block_mask(segment: torch.Tensor, branch: torch.Tensor, kind) -> torch.Tensor:

@@ -4,29 +4,24 @@ with a one-time exactness probe per model against the padded path."""
 from __future__ import annotations
 
 import dataclasses
-import warnings
 import weakref
 
 import torch
 
 from mmpo.data.order import example_length
+from mmpo.forward.attention import replay_is_covered
+from mmpo.forward.flex import flex_available
 from mmpo.forward.layout import sequence_unit, shared_prompt_unit
 from mmpo.forward.options import ForwardOptions, PreferenceLogps
 from mmpo.forward.padded import completion_rows, padded_preference_logps, padded_sft_loss
 from mmpo.forward.scoring import attention_kernel, make_layout, per_sequence, score_layout, unwrap_model
+from mmpo.forward.scoring import warn_once as _warn_once
 from mmpo.objectives import entropy_surrogate
 
 #: Attention kernels of transformers that apply a custom 4D mask exactly (tests/forward/).
 MASK_4D_KERNELS = ("sdpa", "eager")
 
-_warned: set[str] = set()
 _probe_results: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _probe_examples(vocab_size: int) -> list[dict]:
@@ -62,6 +57,21 @@ def _probe(model, options: ForwardOptions, pad_token_id: int, attention: str) ->
     return results[key]
 
 
+def attention_candidates(model, options: ForwardOptions, device: torch.device | None = None) -> list[str]:
+    """The attention modes worth probing for ``model``, fastest first: FlexAttention on CUDA,
+    segmented sdpa (the CPU path), a dense 4D mask. Ours (flex, segmented) replace transformers'
+    sdpa only for our calls, so they need the model to run sdpa and its checkpointed layers to
+    replay through transformers' per-layer hook (forward/attention.py)."""
+    base = unwrap_model(model)
+    ours = attention_kernel(model) == "sdpa" and replay_is_covered(base)
+    on_cuda = (device or next(model.parameters()).device).type == "cuda"
+    no_dropout = not getattr(base.config, "attention_dropout", 0.0)  # FlexAttention has none
+    allowed = (("flex", ours and on_cuda and options.flex_attention and no_dropout and flex_available()),
+               ("segmented", ours and options.segmented_attention),
+               ("mask", attention_kernel(model) in MASK_4D_KERNELS))
+    return [mode for mode, ok in allowed if ok]
+
+
 def choose_attention(model, options: ForwardOptions, pad_token_id: int, longest_sequence: int) -> str:
     """The first of ``ATTENTION_MODES`` that is switched on, allowed and exact for this model."""
     if not (options.packing or options.share_prompt):
@@ -71,8 +81,7 @@ def choose_attention(model, options: ForwardOptions, pad_token_id: int, longest_
         _warn_once(f"sequences longer than the model's sliding window ({window}): using the padded layout")
         return "padded"
     kernel = attention_kernel(model)
-    candidates = [mode for mode, allowed in (("segmented", kernel == "sdpa" and options.segmented_attention),
-                                             ("mask", kernel in MASK_4D_KERNELS)) if allowed]
+    candidates = attention_candidates(model, options)
     if not candidates:
         _warn_once(f"attention kernel {kernel!r} cannot take the shared-prompt/packing layout (supported: "
                    f"{', '.join(MASK_4D_KERNELS)}); using the padded layout")

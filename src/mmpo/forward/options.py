@@ -9,6 +9,7 @@ import torch
 
 from mmpo.config.training import ConfigError
 
+
 @dataclass
 class PreferenceLogps:
     """Per-pair results of one forward pass over chosen and rejected completions."""
@@ -41,10 +42,16 @@ class ForwardOptions:
     """Keep only matmul and attention outputs for the backward pass; recompute the elementwise rest."""
     segmented_attention: bool = True
     """With sdpa: attend block by block (one call per sequence part) instead of one dense masked call."""
+    flex_attention: bool = True
+    """With sdpa on CUDA: FlexAttention with a block-sparse mask built once per micro-batch (before segmented)."""
+    liger_head: bool = False
+    """Score through Liger-Kernel's fused linear cross-entropy where it applies (CUDA, liger-kernel>=0.8.5
+    installed, a plain Linear head, no entropy term); the chunked LM head otherwise, with a warning once."""
 
     def __post_init__(self):
         if self.logits_chunk_size < 0:
-            raise ConfigError(f"config key 'logits_chunk_size': must be >= 0 (0: no chunking) (got {self.logits_chunk_size})")
+            raise ConfigError("config key 'logits_chunk_size': must be >= 0 (0: no chunking) "
+                              f"(got {self.logits_chunk_size})")
 
     @classmethod
     def from_config(cls, cfg) -> ForwardOptions:

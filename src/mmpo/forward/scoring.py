@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from contextlib import contextmanager
 from functools import partial
@@ -11,10 +12,22 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from mmpo.forward.attention import install_segmented_attention
+from mmpo.forward.attention import FLEX, SEGMENTED, attention_selected
+from mmpo.forward.flex import flex_block_mask
 from mmpo.forward.layout import DEFAULT_ATTENTION_RATIO, Layout, Unit, assign_rows, build_layout
+from mmpo.forward.liger import liger_token_logps, why_not_liger
 from mmpo.forward.options import ForwardOptions
 from mmpo.forward.padded import token_logps_and_entropy
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A ``RuntimeWarning`` the first time ``message`` comes up in this process."""
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside DDP/compile/PEFT wrappers (for config, decoder and head)."""
@@ -47,13 +60,16 @@ def hidden_states(model: torch.nn.Module, layout: Layout) -> torch.Tensor:
     kwargs = dict(input_ids=layout.input_ids, attention_mask=layout.attention_mask, use_cache=False)
     if layout.position_ids is not None:
         kwargs["position_ids"] = layout.position_ids
+    ours = None  # our attention function for this call (forward/attention.py), selected for it alone
     if layout.plan is not None:
-        install_segmented_attention()
-        kwargs["mmpo_attention_plan"] = layout.plan
+        ours, kwargs["mmpo_attention_plan"] = SEGMENTED, layout.plan
+    elif layout.flex_mask is not None:
+        ours, kwargs["mmpo_block_mask"] = FLEX, layout.flex_mask
     if "logits_to_keep" in inspect.signature(base.forward).parameters:
         kwargs["logits_to_keep"] = 1
     try:
-        model(**kwargs)
+        with attention_selected(base, ours, attention_kernel(model)):
+            model(**kwargs)
     finally:
         handle.remove()
     return captured[-1]
@@ -89,6 +105,8 @@ def score_hidden(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
 _KEEP_OPS = {getattr(torch.ops.aten, name).default for name in (
     "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name)}
+if hasattr(torch.ops.higher_order, "flex_attention"):  # FlexAttention's output too (torch's SAC supports it)
+    _KEEP_OPS.add(torch.ops.higher_order.flex_attention)
 
 
 def _keep_matmuls(_ctx, op, *_args, **_kwargs):
@@ -126,6 +144,11 @@ def score_layout(model, layout: Layout, options: ForwardOptions, *, with_entropy
         hidden = hidden_states(model, layout)
     flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, layout.predictors)
     head = unwrap_model(model).get_output_embeddings()
+    if options.liger_head:
+        reason = why_not_liger(head, flat, with_entropy)
+        if reason is None:
+            return liger_token_logps(head, flat, layout.targets), None
+        warn_once(f"liger_head: using the chunked LM head instead ({reason})")
     return score_hidden(head, flat, layout.targets, with_entropy=with_entropy, chunk_size=options.logits_chunk_size)
 
 
@@ -137,8 +160,8 @@ def attention_ratio(model: torch.nn.Module) -> float:
     if model not in _attention_ratios:
         base = unwrap_model(model)
         config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-        embeddings = {id(m.weight): m.weight.numel() for m in (base.get_input_embeddings(), base.get_output_embeddings())
-                      if m is not None and hasattr(m, "weight")}
+        heads = (base.get_input_embeddings(), base.get_output_embeddings())
+        embeddings = {id(m.weight): m.weight.numel() for m in heads if m is not None and hasattr(m, "weight")}
         body = sum(p.numel() for p in base.parameters()) - sum(embeddings.values())
         layers, hidden = getattr(config, "num_hidden_layers", None), getattr(config, "hidden_size", None)
         ratio = DEFAULT_ATTENTION_RATIO
@@ -150,10 +173,13 @@ def attention_ratio(model: torch.nn.Module) -> float:
 
 def make_layout(model, units: list[Unit], attention: str, packing: bool, pad_token_id: int) -> Layout:
     packing = packing and attention != "padded"
-    ratio = 0.0 if attention == "segmented" or not packing else attention_ratio(model)
+    ratio = 0.0 if attention in ("segmented", "flex") or not packing else attention_ratio(model)
     rows = assign_rows([len(u.tokens) for u in units], packing, ratio)
-    return build_layout(units, rows, pad_token_id=pad_token_id, device=next(model.parameters()).device,
-                         mask_kind=mask_kind(model), segmented=attention == "segmented")
+    layout = build_layout(units, rows, pad_token_id=pad_token_id, device=next(model.parameters()).device,
+                          mask_kind=mask_kind(model), attention=attention)
+    if layout.attention == "flex":  # built once here, used by every layer (and by their replays)
+        layout.flex_mask = flex_block_mask(layout.segments, layout.branches)
+    return layout
 
 
 def per_sequence(values: torch.Tensor, layout: Layout, num_sequences: int) -> torch.Tensor:
