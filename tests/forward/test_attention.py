@@ -113,6 +113,27 @@ def test_checkpoint_replay_runs_our_attention_again(tokenizer, monkeypatch, reco
     assert any(not torch.allclose(wrong[n], want_grads[n], rtol=1e-3, atol=1e-6) for n in want_grads)
 
 
+def test_probe_refuses_a_mode_whose_gradients_alone_differ(tokenizer):
+    """Log-probs right, gradients halved: only the probe's gradient check can tell."""
+    from mmpo.forward.logps import choose_attention
+
+    def half_gradient(*args, **kwargs):
+        out, _ = attention.segmented_attention(*args, **kwargs)
+        return out.detach() + 0.5 * (out - out.detach()), None
+
+    model = sensitive_llama(tokenizer).train()
+    attention.register_attention_functions()
+    transformers.AttentionInterface.register(attention.SEGMENTED, half_gradient)
+    scoring._warned.clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="'segmented' attention is not exact.*gradients differ"):
+            assert choose_attention(model, ForwardOptions(), tokenizer.pad_token_id, 50) == "mask"
+    finally:
+        transformers.AttentionInterface.register(attention.SEGMENTED, attention.segmented_attention)
+    assert choose_attention(sensitive_llama(tokenizer).train(), ForwardOptions(), tokenizer.pad_token_id, 50) == \
+        "segmented"
+
+
 def test_attention_candidates_per_device_and_setting(tokenizer):
     model = sensitive_llama(tokenizer)
     on = ForwardOptions()

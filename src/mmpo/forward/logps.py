@@ -4,7 +4,6 @@ with a one-time exactness probe per model against the padded path."""
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
 
@@ -14,6 +13,7 @@ from mmpo.forward.flex import flex_available
 from mmpo.forward.layout import sequence_unit, shared_prompt_unit
 from mmpo.forward.options import ForwardOptions, PreferenceLogps
 from mmpo.forward.padded import completion_rows, padded_preference_logps, padded_sft_loss
+from mmpo.forward.probe import probe
 from mmpo.forward.scoring import attention_kernel, make_layout, per_sequence, score_layout, unwrap_model
 from mmpo.forward.scoring import warn_once as _warn_once
 from mmpo.objectives import entropy_surrogate
@@ -21,40 +21,13 @@ from mmpo.objectives import entropy_surrogate
 #: Attention kernels of transformers that apply a custom 4D mask exactly (tests/forward/).
 MASK_4D_KERNELS = ("sdpa", "eager")
 
-_probe_results: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _probe_examples(vocab_size: int) -> list[dict]:
-    ids = lambda *xs: [1 + (x * 7919) % (vocab_size - 1) for x in xs]  # noqa: E731 - arbitrary in-vocab tokens
-    return [{"prompt_ids": ids(1, 2, 3, 4), "chosen_ids": ids(5, 6, 7), "rejected_ids": ids(8, 9)},
-            {"prompt_ids": ids(10, 11), "chosen_ids": ids(12), "rejected_ids": ids(13, 14, 15, 16, 17)}]
-
-
-def _probe(model, options: ForwardOptions, pad_token_id: int, attention: str) -> str | None:
-    """Why ``attention`` does not give the padded path's numbers on this model, or None when it
-    does. Checked once per model and setting on two tiny pairs, without gradients."""
-    key = (options.share_prompt, options.packing, attention, attention_kernel(model))
-    results = _probe_results.setdefault(model, {})
-    if key not in results:
-        examples = _probe_examples(unwrap_model(model).config.vocab_size)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                want = padded_preference_logps(model, examples, pad_token_id=pad_token_id, compute_entropy=False,
-                                                length_normalize=False)
-                got = fast_preference_logps(model, examples, options, attention, pad_token_id=pad_token_id,
-                                             compute_entropy=False, length_normalize=False)
-            # float32 agrees to ~1e-6 here; 16-bit layouts differ by rounding, so only gross errors count
-            tolerance = 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 1e-1
-            close = all(torch.allclose(g.float(), w.float(), rtol=tolerance, atol=tolerance)
-                        for g, w in ((got.chosen_logps, want.chosen_logps), (got.rejected_logps, want.rejected_logps)))
-            results[key] = None if close else "its log-probs differ from the padded path's"
-        except Exception as err:  # a model that rejects 4D masks, custom positions or extra arguments
-            results[key] = f"{err.__class__.__name__}: {err}"
-        finally:
-            model.train(was_training)
-    return results[key]
+def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DDP-style wrappers: the probe's backward must not start their gradient sync."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
 
 
 def attention_candidates(model, options: ForwardOptions, device: torch.device | None = None) -> list[str]:
@@ -87,7 +60,7 @@ def choose_attention(model, options: ForwardOptions, pad_token_id: int, longest_
                    f"{', '.join(MASK_4D_KERNELS)}); using the padded layout")
         return "padded"
     for mode in candidates:
-        reason = _probe(model, options, pad_token_id, mode)
+        reason = probe(without_ddp(model), options, pad_token_id, mode, fast_preference_logps)
         if reason is None:
             return mode
         fallback = "padded layout" if mode == candidates[-1] else f"{candidates[-1]!r} attention"
