@@ -1,19 +1,28 @@
 """Our engine against TRL on the same model, pairs, batch, steps and optimizer (docs/performance.md).
 
-    python benchmarks/bench_vs_trl.py --threads 1            # both model sizes (~30 min on 2 busy cores)
-    python benchmarks/bench_vs_trl.py --sizes tiny --help    # options
+    python benchmarks/bench_vs_trl.py --threads 1                      # CPU, tiny and 135M (~30 min on 2 cores)
+    python benchmarks/bench_vs_trl.py --device cuda --sizes 135m 360m 1b --runs trl-dpo mmpo-dpo
+    python benchmarks/bench_vs_trl.py --help                           # options
 
 Needs the ``bench`` extra (``pip install 'mmpo[bench]'``: trl, psutil).
 
-Trains with TRL ``DPOTrainer`` (precomputed reference log-probs, no gradient checkpointing), TRL's
-SimPO path (``trl.experimental.cpo.CPOTrainer``, ``loss_type="simpo"``, ``cpo_alpha=0``) and our
-engine (``mmpo.training.train``) for DPO, SimPO and MMPO. Every configuration runs in a fresh
-subprocess, so peak RSS is its own. Both sides get the same random-weight model (saved once), the
-same pairs in the same order (TRL samples sequentially through the pairs arranged in our engine's
-order), AdamW with the same settings and the same cosine schedule, so their per-step losses must
-agree: that shows they computed the same thing. Step times are taken from step end to step end
-(TRL: a ``TrainerCallback``; ours: the engine's ``metrics.jsonl`` line of each step, watched by a
-thread), after warm-up steps. The pairs: ``workload.py``.
+Trains with TRL ``DPOTrainer`` (precomputed reference log-probs; ``trl-dpo`` without gradient
+checkpointing, its fastest setting, ``trl-dpo-gc`` with TRL's default gradient checkpointing),
+TRL's SimPO path (``trl.experimental.cpo.CPOTrainer``, ``loss_type="simpo"``, ``cpo_alpha=0``) and
+our engine (``mmpo.training.train``) for DPO, SimPO and MMPO. Every configuration runs in a fresh
+subprocess, so its memory peak is its own. Both sides get the same random-weight model (saved
+once), the same pairs in the same order (TRL samples sequentially through the pairs arranged in
+our engine's order), AdamW with the same settings and the same cosine schedule, and the same
+precision scheme (``--precision``: float32, or float32 master weights with bf16 autocast, TRL's
+``bf16=True``), so their per-step losses must agree: that shows they computed the same thing.
+
+Step times are taken at the end of each optimizer step by torch's global optimizer hook, for both
+trainers alike (``step_meter.py``), after warm-up steps. Memory: on CPU the peak RSS minus what
+every method pays (the RSS before loading plus 16 bytes per parameter); on CUDA the peak of
+``torch.cuda.max_memory_allocated`` over the timed steps minus the memory allocated right after
+the first optimizer step. On CUDA each row also gets its MFU (``flops.py``). TRL 1.16's DPO has
+no working ``padding_free`` (it warns and pads) and its Liger option excludes the fused loss, so
+TRL runs padded with sdpa. The pairs: ``workload.py``.
 """
 
 from __future__ import annotations
@@ -22,22 +31,21 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from workload import bench_tokenizer, save_model, synthetic_pairs
+from bench_report import format_table, git_commit, loss_agreement
+from step_meter import StepMeter
+from workload import SHAPES, SIZES, bench_tokenizer, save_model, synthetic_pairs
 
 RESULT_MARK = "MMPO_BENCH_RESULT "
 OURS = ("mmpo-dpo", "mmpo-simpo", "mmpo-mmpo")
-TRL = ("trl-dpo", "trl-simpo")
+TRL = ("trl-dpo", "trl-dpo-gc", "trl-simpo")
 RUNS = ("trl-dpo", "mmpo-dpo", "trl-simpo", "mmpo-simpo", "mmpo-mmpo")  # interleaved: load drift hits both
-BASELINE_OF = {"mmpo-dpo": "trl-dpo", "mmpo-simpo": "trl-simpo", "mmpo-mmpo": "trl-dpo"}
 BETA = {"dpo": 0.1, "simpo": 2.0, "mmpo": 0.01}
 SIMPO_GAMMA = 1.0
 
@@ -60,11 +68,9 @@ class Spec:
     threads: int = 0  # torch intra-op threads (0: torch's default)
     seed: int = 0
     learning_rate: float = 1e-4
+    device: str = "cpu"
+    precision: str = "fp32"  # "fp32", or "mixed": float32 master weights + bf16 autocast
     forward: dict = field(default_factory=dict)  # our ForwardOptions overrides (share_prompt, packing, ...)
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss() -> int:
@@ -82,7 +88,7 @@ def _engine_order(spec: Spec, count: int) -> list[int]:
 def run_trl(spec: Spec) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mmpo.data import DatasetSpec, load_rows
 
@@ -103,22 +109,22 @@ def run_trl(spec: Spec) -> dict:
         "weight_decay": 0.0,
         "max_grad_norm": 1.0,
         "optim": "adamw_torch_fused",  # TRL's default; our engine uses the same fused kernel
-        "gradient_checkpointing": False,
+        "gradient_checkpointing": spec.run == "trl-dpo-gc",  # TRL's default is on; off is its fastest
         "logging_steps": 1,
         "save_strategy": "no",
         "report_to": "none",
-        "bf16": False,  # TRL defaults to bf16 autocast, which this comparison (fp32, like ours) must not use
+        "bf16": spec.precision == "mixed",  # autocast over float32 weights, as our engine's mixed precision
         "disable_tqdm": True,
         "seed": spec.seed,
-        "use_cpu": True,
+        "use_cpu": spec.device == "cpu",
         "train_sampling_strategy": "sequential",
         "dataloader_num_workers": 0,
-        "max_length": None if spec.run == "trl-dpo" else 4096,
+        "max_length": None if spec.run.startswith("trl-dpo") else 4096,
     }
-    if spec.run == "trl-dpo":
+    if spec.run.startswith("trl-dpo"):
         from trl import DPOConfig, DPOTrainer
 
-        args = DPOConfig(beta=BETA["dpo"], precompute_ref_log_probs=True, **common)
+        args = DPOConfig(beta=BETA["dpo"], precompute_ref_log_probs=True, padding_free=False, **common)
         trainer = DPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         data = trainer.train_dataset
         tokens = [
@@ -133,25 +139,17 @@ def run_trl(spec: Spec) -> dict:
         data = trainer.train_dataset
         tokens = [len(c) + len(r) for c, r in zip(data["chosen_input_ids"], data["rejected_input_ids"])]
 
-    step_ends: list[tuple[float, float]] = []
-    peaks: list[int] = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append((time.perf_counter(), time.process_time()))
-            peaks.append(peak_rss())
-
-    trainer.add_callback(StepTimer())
-    trainer.train()
+    with StepMeter(spec.device) as meter:
+        trainer.train()
     records = [r for r in trainer.state.log_history if "loss" in r]
-    return _summary(spec, step_ends, peaks, rss_start, records, tokens)
+    return _summary(spec, meter, rss_start, records, tokens)
 
 
 def run_ours(spec: Spec) -> dict:
     from mmpo.config import TrainConfig
     from mmpo.data import DatasetSpec, load_rows, prepare_preference_examples
-    from mmpo.training import train
     from mmpo.modeling import load_tokenizer
+    from mmpo.training import train
 
     objective = spec.run.split("-", 1)[1]
     run_dir = Path(spec.workdir) / f"{spec.size}-{spec.run}"
@@ -168,6 +166,7 @@ def run_ours(spec: Spec) -> dict:
         weight_decay=0.0,
         max_grad_norm=1.0,
         dtype="float32",
+        mixed_precision="bf16" if spec.precision == "mixed" else "no",
         attn_implementation="sdpa",
         logging_steps=1,
         output_dir=str(run_dir),
@@ -183,54 +182,54 @@ def run_ours(spec: Spec) -> dict:
     )
     tokens = [2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in examples]
     rss_start = current_rss()
-
-    step_ends: list[tuple[float, float]] = []
-    peaks: list[int] = []
-    done = threading.Event()
-
-    def watch_metrics():  # the engine appends one line per optimizer step (logging_steps=1)
-        path, seen, size = run_dir / "metrics.jsonl", 0, -1
-        while not done.is_set():
-            time.sleep(0.02)  # a cheap stat between reads: the watcher must not cost the trainer CPU
-            if not path.exists() or path.stat().st_size == size:
-                continue
-            size = path.stat().st_size
-            lines = path.read_text().count("\n")
-            while seen < lines:
-                seen += 1
-                step_ends.append((time.perf_counter(), time.process_time()))
-                peaks.append(peak_rss())
-
-    watcher = threading.Thread(target=watch_metrics, daemon=True)
-    watcher.start()
-    result = train(cfg)
-    time.sleep(0.05)
-    done.set()
-    watcher.join()
+    with StepMeter(spec.device) as meter:
+        result = train(cfg)
     records = [r for r in result.metrics if "loss" in r]
-    return _summary(spec, step_ends, peaks, rss_start, records, tokens)
+    summary = _summary(spec, meter, rss_start, records, tokens)
+    summary["attention"], summary["attention_refused"] = _attention_used()
+    return summary
 
 
-def _summary(spec: Spec, step_ends, peaks, rss_start, records, tokens_per_pair) -> dict:
+def _attention_used() -> tuple[str | None, dict[str, str]]:
+    """The attention mode our forward pass settled on (the first the probe found exact; None: the
+    padded path), and why the probe refused faster ones."""
+    from mmpo.forward import probe
+
+    used, refused = None, {}
+    for verdicts in list(probe._results.values()):
+        for (_options, mode, _kernel), reason in verdicts.items():
+            if reason is None:
+                used = used or mode
+            else:
+                refused[mode] = reason[:500]
+    return used, refused
+
+
+def _summary(spec: Spec, meter: StepMeter, rss_start: int, records: list[dict], tokens_per_pair: list[int]) -> dict:
     """Throughput over the timed steps (step end to step end), memory, and the logged losses.
 
     Wall-clock time is what a user waits; CPU time (all threads of the process) is what the
-    work cost, and stays meaningful when other jobs share the machine."""
+    work cost on a CPU, and stays meaningful when other jobs share the machine."""
     total = spec.warmup + spec.steps
-    if len(step_ends) < total:
-        raise RuntimeError(f"{spec.run}: saw {len(step_ends)} step ends, expected {total}")
-    ends = step_ends[spec.warmup - 1 : total]
+    if len(meter.ends) < total:
+        raise RuntimeError(f"{spec.run}: saw {len(meter.ends)} optimizer steps, expected {total}")
+    ends = meter.ends[spec.warmup - 1 : total]
     timed = [b[0] - a[0] for a, b in itertools.pairwise(ends)]
     cpu = [b[1] - a[1] for a, b in itertools.pairwise(ends)]
     seconds = sum(timed)
     losses = [r["loss"] for r in records]
     timed_pairs = spec.steps * spec.batch
     work_tokens = sum(tokens_per_pair[spec.warmup * spec.batch : total * spec.batch])
-    peak = peaks[total - 1]
-    fixed = rss_start + 16 * spec.params  # fp32 weights + gradients + AdamW's two moments
+    peak = meter.peaks[total - 1]
+    if spec.device == "cuda":
+        baseline = meter.after_first_step  # weights, gradients, optimizer state
+    else:
+        baseline = rss_start + 16 * spec.params  # fp32 weights + gradients + AdamW's two moments
     return {
         "run": spec.run,
         "size": spec.size,
+        "device": spec.device,
+        "precision": spec.precision,
         "params": spec.params,
         "batch": spec.batch,
         "warmup": spec.warmup,
@@ -242,9 +241,10 @@ def _summary(spec: Spec, step_ends, peaks, rss_start, records, tokens_per_pair) 
         "pairs_per_cpu_s": timed_pairs / sum(cpu),
         "tokens_per_s": work_tokens / seconds,
         "first_step_logps": [records[0].get("logps/chosen"), records[0].get("logps/rejected")] if records else None,
-        "peak_rss": peak,
+        "peak_rss" if spec.device == "cpu" else "peak_bytes": peak,
         "rss_start": rss_start,
-        "activation_bytes": peak - fixed,
+        "baseline_bytes": baseline,
+        "activation_bytes": peak - baseline,
         "losses": losses,
         "final_loss": losses[total - 1] if losses else None,
         "tokens_per_pair_mean": sum(tokens_per_pair) / len(tokens_per_pair),
@@ -284,70 +284,42 @@ def run_child(spec: Spec, timeout: float) -> dict:
     raise RuntimeError(f"{spec.run} ({spec.size}) failed with exit code {proc.returncode}:\n{tail}")
 
 
-def format_table(results: list[dict]) -> str:
-    gib = 2**30
-    lines = [
-        (
-            "| model | trainer | pairs/s (wall) | pairs per CPU-s | tokens/s (wall) | s/step | peak RSS GiB | "
-            "activation GiB | speed vs TRL (wall / CPU) | activation mem vs TRL | final loss |"
-        ),
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    by_key = {(r["size"], r["run"]): r for r in results}
-    for r in results:
-        base = by_key.get((r["size"], BASELINE_OF.get(r["run"], "")))
-        speed = memory = ""
-        if base:
-            speed = (
-                f"{r['pairs_per_s'] / base['pairs_per_s']:.2f}x / {r['pairs_per_cpu_s'] / base['pairs_per_cpu_s']:.2f}x"
-            )
-            memory = f"{r['activation_bytes'] / base['activation_bytes']:.2f}x"
-            if r["run"] == "mmpo-mmpo":
-                speed, memory = f"({speed} of TRL DPO)", f"({memory})"
-        step = sum(r["step_seconds"]) / len(r["step_seconds"])
-        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else ""
-        lines.append(
-            f"| {r['size']} | {r['run']} | {r['pairs_per_s']:.3f} | {r['pairs_per_cpu_s']:.3f} | "
-            f"{r['tokens_per_s']:.0f} | {step:.2f} | {r['peak_rss'] / gib:.2f} | "
-            f"{r['activation_bytes'] / gib:.2f} | {speed} | {memory} | {loss} |"
-        )
-    return "\n".join(lines)
+def timed_step_flops(size: str, model_dir: Path, data_file: Path, spec_args) -> float:
+    """Useful FLOPs of the timed steps (``flops.py``), from the engine's tokenization and order."""
+    from flops import body_parameters, model_dims, step_flops
+    from transformers import AutoConfig
+
+    from mmpo.data import DatasetSpec, load_rows, prepare_preference_examples
+    from mmpo.data.order import epoch_order
+    from mmpo.modeling import load_tokenizer
+
+    batch, warmup, steps, seed, params = spec_args
+    examples, _ = prepare_preference_examples(
+        load_rows([DatasetSpec.parse(str(data_file))], seed=seed), load_tokenizer(str(model_dir))
+    )
+    order = epoch_order(len(examples), seed, 0)
+    timed = [examples[i] for i in order[warmup * batch : (warmup + steps) * batch]]
+    config = AutoConfig.from_pretrained(model_dir)
+    dims = model_dims(config)
+    return step_flops(timed, body=body_parameters(params, dims, config.tie_word_embeddings), dims=dims)
 
 
-def loss_agreement(results: list[dict]) -> list[str]:
-    """Ours vs TRL for the same objective: per-step losses and the first step's mean log-probs."""
-    by_key = {(r["size"], r["run"]): r for r in results}
-    notes = []
-    for (size, run), r in by_key.items():
-        base = by_key.get((size, BASELINE_OF.get(run, "")))
-        if base is None or run == "mmpo-mmpo":
-            continue
-        diffs = [abs(a - b) for a, b in zip(r["losses"], base["losses"])]
-        note = (
-            f"{size} {run} vs {base['run']}: losses {[f'{x:.5f}' for x in r['losses']]} vs "
-            f"{[f'{x:.5f}' for x in base['losses']]} (max |diff| {max(diffs):.1e})"
-        )
-        if run == "mmpo-dpo":  # both log summed log-probs (TRL's CPO logs per-token means)
-            note += f"; step-1 mean chosen/rejected logps {r['first_step_logps']} vs {base['first_step_logps']}"
-        notes.append(note)
-    return notes
+def saved_model(size: str, tokenizer, model_dir: Path, args) -> int:
+    """The random-weight model of ``size`` in ``model_dir`` (made once per work folder); its parameter count."""
+    record = model_dir / "bench_model.json"
+    if record.is_file() and json.loads(record.read_text()).get("seed") == args.seed:
+        return json.loads(record.read_text())["params"]
+    params = save_model(size, tokenizer, model_dir, seed=args.seed, device=args.device)
+    record.write_text(json.dumps({"size": size, "seed": args.seed, "params": params}))
+    return params
 
 
-def _git_commit() -> str | None:
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                check=False,
-                capture_output=True,
-                text=True,
-                cwd=Path(__file__).parent,
-                timeout=10,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
+def with_mfu(result: dict, flops: float, peak: float | None) -> dict:
+    seconds = sum(result["step_seconds"])
+    result["useful_flops"] = flops
+    result["achieved_flops_per_s"] = flops / seconds
+    result["mfu"] = flops / seconds / peak if peak else None
+    return result
 
 
 def vs_trl(args) -> int:
@@ -358,30 +330,46 @@ def vs_trl(args) -> int:
     missing = [name for name in ("trl", "psutil") if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(f"benchmarks/bench_vs_trl.py needs {' and '.join(missing)}: pip install 'mmpo[bench]'")
+    precision = args.precision or ("mixed" if args.device == "cuda" else "fp32")
+    peak = None
+    if args.device == "cuda":
+        import torch
+        from flops import card_peak
+
+        peak = args.peak_tflops * 1e12 if args.peak_tflops else card_peak(torch.cuda.get_device_name())
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmpo-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = bench_tokenizer()
     forward = json.loads(args.forward) if args.forward else {}
-    results = []
+    results, failures = [], []
     if args.merge and args.out and Path(args.out).is_file():  # keep earlier runs of other (size, run) pairs
         redo = {(size, run) for size in args.sizes for run in args.runs}
-        results = [r for r in json.loads(Path(args.out).read_text())["results"] if (r["size"], r["run"]) not in redo]
+        earlier = json.loads(Path(args.out).read_text())
+        results = [r for r in earlier["results"] if (r["size"], r["run"]) not in redo]
+        failures = [f for f in earlier.get("failures", []) if (f["size"], f["run"]) not in redo]
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            record = {"command": " ".join(sys.argv), "commit": git_commit(), "results": results}
+            Path(args.out).write_text(json.dumps({**record, "failures": failures}, indent=1))
+
     for size in args.sizes:
+        big = size in SHAPES
         batch, warmup, steps = (
-            (args.batch, args.warmup, args.steps)
-            if size == "135m"
-            else (args.tiny_batch, args.tiny_warmup, args.tiny_steps)
+            (args.batch, args.warmup, args.steps) if big else (args.tiny_batch, args.tiny_warmup, args.tiny_steps)
         )
         model_dir = workdir / f"model-{size}"
-        params = save_model(size, tokenizer, model_dir, seed=args.seed)
+        params = saved_model(size, tokenizer, model_dir, args)
         data_file = workdir / f"pairs-{size}.jsonl"
         rows = synthetic_pairs(
             batch * (warmup + steps), args.seed, tuple(args.prompt_range), tuple(args.completion_range)
         )
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        flops = timed_step_flops(size, model_dir, data_file, (batch, warmup, steps, args.seed, params))
         print(
             f"[{size}] {params / 1e6:.1f}M parameters, {len(rows)} pairs, batch {batch}, "
-            f"{warmup} warm-up + {steps} timed steps",
+            f"{warmup} warm-up + {steps} timed steps, {args.device} {precision}",
             flush=True,
         )
         for run in args.runs:
@@ -398,54 +386,71 @@ def vs_trl(args) -> int:
                 threads=args.threads,
                 seed=args.seed,
                 learning_rate=args.learning_rate,
+                device=args.device,
+                precision=precision,
                 forward=forward if run in OURS else {},
             )
             started = time.perf_counter()
-            result = run_child(spec, timeout=args.timeout)
+            try:
+                result = with_mfu(run_child(spec, timeout=args.timeout), flops, peak)
+            except (RuntimeError, subprocess.TimeoutExpired) as error:  # the other runs still count
+                failures.append({"size": size, "run": run, "error": str(error)[-2000:]})
+                print(f"  {run:<11} FAILED: {str(error)[-2000:]}", flush=True)
+                save()
+                continue
             results.append(result)
             print(
-                f"  {run:<11} {result['pairs_per_s']:.3f} pairs/s  peak {result['peak_rss'] / 2**30:.2f} GiB  "
-                f"losses {[f'{x:.4f}' for x in result['losses']]}  ({time.perf_counter() - started:.0f} s)",
+                f"  {run:<11} {result['pairs_per_s']:.3f} pairs/s  step memory "
+                f"{result['activation_bytes'] / 2**30:.2f} GiB  losses {[f'{x:.4f}' for x in result['losses']]}  "
+                f"({time.perf_counter() - started:.0f} s)",
                 flush=True,
             )
-            if args.out:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(
-                    json.dumps({"command": " ".join(sys.argv), "commit": _git_commit(), "results": results}, indent=1)
-                )
+            save()
     print()
     print(format_table(results))
     print()
     print("\n".join(loss_agreement(results)))
-    return 0
+    return 1 if failures else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    out = argparse.ArgumentParser(prog="python benchmarks/bench_vs_trl.py", description=__doc__.split("\n\n")[0])
+    out.add_argument("--sizes", nargs="+", default=["tiny", "135m"], choices=list(SIZES))
+    out.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(TRL + OURS))
+    out.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    out.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "mixed"],
+        help="fp32, or fp32 master weights + bf16 autocast (default: mixed on cuda, fp32 on cpu)",
+    )
+    out.add_argument(
+        "--peak-tflops", type=float, default=None, help="the card's bf16 peak for MFU (default: known cards)"
+    )
+    out.add_argument("--batch", type=int, default=2, help="pairs per step at the real models' shapes (135m, 360m, 1b)")
+    out.add_argument("--warmup", type=int, default=1, help="untimed steps first (real shapes)")
+    out.add_argument("--steps", type=int, default=3, help="timed steps (real shapes)")
+    out.add_argument("--tiny-batch", type=int, default=4, help="pairs per step at the small sizes (tiny, micro)")
+    out.add_argument("--tiny-warmup", type=int, default=1)
+    out.add_argument("--tiny-steps", type=int, default=4)
+    out.add_argument("--prompt-range", type=int, nargs=2, default=[100, 400])
+    out.add_argument("--completion-range", type=int, nargs=2, default=[100, 300])
+    out.add_argument("--learning-rate", type=float, default=1e-4)
+    out.add_argument("--seed", type=int, default=0)
+    out.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
+    out.add_argument("--forward", default="", help="our forward options as JSON, e.g. '{\"share_prompt\": false}'")
+    out.add_argument("--workdir", default=None, help="where models, data and run folders go (default: a temp dir)")
+    out.add_argument("--out", default="benchmarks/results/vs_trl.json", help="results JSON (updated after every run)")
+    out.add_argument("--merge", action="store_true", help="keep the results already in --out for other sizes/runs")
+    out.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_child"]:
         return child_main(argv[1])
-    parser = argparse.ArgumentParser(prog="python benchmarks/bench_vs_trl.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "135m"], choices=["tiny", "135m"])
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--batch", type=int, default=2, help="pairs per step at the 135M shape")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (135M)")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (135M)")
-    parser.add_argument("--tiny-batch", type=int, default=4)
-    parser.add_argument("--tiny-warmup", type=int, default=1)
-    parser.add_argument("--tiny-steps", type=int, default=4)
-    parser.add_argument("--prompt-range", type=int, nargs=2, default=[100, 400])
-    parser.add_argument("--completion-range", type=int, nargs=2, default=[100, 300])
-    parser.add_argument("--learning-rate", type=float, default=1e-4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
-    parser.add_argument("--forward", default="", help="our forward options as JSON, e.g. '{\"share_prompt\": false}'")
-    parser.add_argument("--workdir", default=None, help="where models, data and run folders go (default: a temp dir)")
-    parser.add_argument(
-        "--out", default="benchmarks/results/vs_trl.json", help="results JSON (updated after every run)"
-    )
-    parser.add_argument("--merge", action="store_true", help="keep the results already in --out for other sizes/runs")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed per configuration")
-    return vs_trl(parser.parse_args(argv))
+    return vs_trl(parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -22,11 +22,18 @@ def encode_pairs(tokenizer, pairs=PAIRS) -> list[dict]:
     """Tokenized preference examples as the data module makes them (chat template, EOS-closed)."""
     out = []
     for i, (prompt, chosen, rejected) in enumerate(pairs):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        out.append({"id": f"t:{i}", "prompt_ids": encode(text), "chosen_ids": encode(chosen + END),
-                    "rejected_ids": encode(rejected + END)})
+        out.append(
+            {
+                "id": f"t:{i}",
+                "prompt_ids": encode(text),
+                "chosen_ids": encode(chosen + END),
+                "rejected_ids": encode(rejected + END),
+            }
+        )
     return out
 
 
@@ -50,8 +57,9 @@ def objective_loss(name: str, logps: PreferenceLogps) -> torch.Tensor:
     if name == "dpo":
         return dpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.1).losses.mean()
     if name == "simpo":
-        return simpo_loss(logps.chosen_logps, logps.rejected_logps, logps.chosen_lengths, logps.rejected_lengths,
-                          beta=2.0, gamma=1.0).losses.mean()
+        return simpo_loss(
+            logps.chosen_logps, logps.rejected_logps, logps.chosen_lengths, logps.rejected_lengths, beta=2.0, gamma=1.0
+        ).losses.mean()
     assert name == "entropy"  # MMPO plus the entropy surrogate term, as the engine combines them
     entropy = torch.cat([logps.chosen_entropy, logps.rejected_entropy]).mean()
     return mmpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.5).losses.mean() - 0.3 * entropy
@@ -59,8 +67,14 @@ def objective_loss(name: str, logps: PreferenceLogps) -> torch.Tensor:
 
 def loss_and_grads(model, examples, objective: str, options, pad: int, *, length_normalize=False):
     model.zero_grad(set_to_none=True)
-    logps = preference_logps(model, examples, pad_token_id=pad, compute_entropy=objective == "entropy",
-                             length_normalize=length_normalize, options=options)
+    logps = preference_logps(
+        model,
+        examples,
+        pad_token_id=pad,
+        compute_entropy=objective == "entropy",
+        length_normalize=length_normalize,
+        options=options,
+    )
     loss = objective_loss(objective, logps)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

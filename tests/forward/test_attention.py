@@ -37,9 +37,11 @@ def quiet_eager_flex():
 
 def mixed_units():
     """Two shared-prompt pairs and a plain sequence, packed so that one row has padding."""
-    units = [layouts.shared_prompt_unit([1, 2, 3], [4, 5], [6, 7, 8, 9], 0, 3),
-             layouts.sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
-             layouts.shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3)]
+    units = [
+        layouts.shared_prompt_unit([1, 2, 3], [4, 5], [6, 7, 8, 9], 0, 3),
+        layouts.sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
+        layouts.shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3),
+    ]
     return units, [[0, 2], [1]]
 
 
@@ -92,8 +94,9 @@ def test_checkpoint_replay_runs_our_attention_again(tokenizer, monkeypatch, reco
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    options = ForwardOptions(share_prompt=True, packing=True, logits_chunk_size=0,
-                             selective_recompute=recompute == "selective")
+    options = ForwardOptions(
+        share_prompt=True, packing=True, logits_chunk_size=0, selective_recompute=recompute == "selective"
+    )
     examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     own = [layer.__dict__.get("_gradient_checkpointing_func") for layer in layers]
@@ -130,8 +133,10 @@ def test_probe_refuses_a_mode_whose_gradients_alone_differ(tokenizer):
             assert choose_attention(model, ForwardOptions(), tokenizer.pad_token_id, 50) == "mask"
     finally:
         transformers.AttentionInterface.register(attention.SEGMENTED, attention.segmented_attention)
-    assert choose_attention(sensitive_llama(tokenizer).train(), ForwardOptions(), tokenizer.pad_token_id, 50) == \
-        "segmented"
+    assert (
+        choose_attention(sensitive_llama(tokenizer).train(), ForwardOptions(), tokenizer.pad_token_id, 50)
+        == "segmented"
+    )
 
 
 def test_attention_candidates_per_device_and_setting(tokenizer):
@@ -171,13 +176,17 @@ def test_flex_forward_gives_the_padded_log_probs(tokenizer):
     kwargs = dict(pad_token_id=pad, compute_entropy=True, length_normalize=False)
     with torch.no_grad():
         want = preference_logps(model, examples, pad_token_id=pad, compute_entropy=True)
-        for options in (SHARED_PACKED, ForwardOptions(share_prompt=True, packing=False),
-                        ForwardOptions(share_prompt=False, packing=True)):
+        for options in (
+            SHARED_PACKED,
+            ForwardOptions(share_prompt=True, packing=False),
+            ForwardOptions(share_prompt=False, packing=True),
+        ):
             got = fast_preference_logps(model, examples, options, "flex", **kwargs)
             assert_logps_close(got, want)
         # a wrong rule is caught: rejected tokens that may see the chosen ones
         wrong = layouts.build_layout
         with pytest.MonkeyPatch.context() as patch:
+
             def chosen_visible(*args, **kw):
                 layout = wrong(*args, **kw)
                 layout.branches = torch.zeros_like(layout.branches)  # every token "shared"
@@ -207,13 +216,20 @@ def test_flex_forward_under_bf16_autocast_is_close_to_the_padded_one(tokenizer):
 
 def test_sft_through_flex_forward(tokenizer):
     model = sensitive_llama(tokenizer).eval()
-    examples = [{"input_ids": ex["prompt_ids"] + ex["chosen_ids"],
-                 "labels": [-100] * len(ex["prompt_ids"]) + ex["chosen_ids"]} for ex in encode_pairs(tokenizer)]
+    examples = [
+        {"input_ids": ex["prompt_ids"] + ex["chosen_ids"], "labels": [-100] * len(ex["prompt_ids"]) + ex["chosen_ids"]}
+        for ex in encode_pairs(tokenizer)
+    ]
     pad = tokenizer.pad_token_id
     with torch.no_grad():
         want, _, _ = sft_loss(model, examples, pad_token_id=pad)
-        layout = scoring.make_layout(model, [layouts.sequence_unit(ex["input_ids"], ex["labels"], i)
-                                             for i, ex in enumerate(examples)], "flex", True, pad)
+        layout = scoring.make_layout(
+            model,
+            [layouts.sequence_unit(ex["input_ids"], ex["labels"], i) for i, ex in enumerate(examples)],
+            "flex",
+            True,
+            pad,
+        )
         assert layout.flex_mask is not None and layout.input_ids.shape[0] == 1  # everything in one row
         logps, _ = scoring.score_layout(model, layout, ForwardOptions(), with_entropy=False)
     torch.testing.assert_close(-logps.sum() / logps.numel(), want, rtol=1e-5, atol=1e-6)
@@ -229,7 +245,10 @@ def test_liger_head_falls_back_to_the_chunked_head_with_one_warning(tokenizer):
     want = preference_logps(model, examples, pad_token_id=pad, options=SHARED_PACKED)
     scoring._warned.clear()
     with pytest.warns(RuntimeWarning, match="liger_head: using the chunked LM head instead"):
-        got = preference_logps(model, examples, pad_token_id=pad,
-                               options=ForwardOptions(share_prompt=True, packing=True, logits_chunk_size=4,
-                                                      liger_head=True))
+        got = preference_logps(
+            model,
+            examples,
+            pad_token_id=pad,
+            options=ForwardOptions(share_prompt=True, packing=True, logits_chunk_size=4, liger_head=True),
+        )
     assert_logps_close(got, want)

@@ -45,15 +45,24 @@ def flex_block_mask(segments: torch.Tensor, branches: torch.Tensor):
 
     rows, width = segments.shape
     # compiled on CUDA, as transformers does: the eager builder materializes [rows, width, width] indices
-    return create_block_mask(layout_mask_mod(segments, branches), B=rows, H=None, Q_LEN=width, KV_LEN=width,
-                             device=segments.device, _compile=segments.device.type == "cuda")
+    return create_block_mask(
+        layout_mask_mod(segments, branches),
+        B=rows,
+        H=None,
+        Q_LEN=width,
+        KV_LEN=width,
+        device=segments.device,
+        _compile=segments.device.type == "cuda",
+    )
 
 
 @functools.cache
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    # dynamic from the first call: every micro-batch has its own width, and a static graph replaced
+    # by a dynamic one could be picked differently by an activation-checkpoint replay
+    return torch.compile(flex_attention, dynamic=True)
 
 
 def flex_kernel(device_type: str):
@@ -71,8 +80,9 @@ def flex_layout_attention(query, key, value, block_mask, *, dropout: float = 0.0
     Under autocast the inputs are cast to the autocast dtype first (what autocast does for sdpa;
     rotary embeddings can leave query and key in float32 while value is bf16)."""
     if dropout:
-        raise ValueError(f"FlexAttention has no attention dropout (got {dropout}): set the model's attention_dropout "
-                         "to 0")
+        raise ValueError(
+            f"FlexAttention has no attention dropout (got {dropout}): set the model's attention_dropout to 0"
+        )
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
@@ -80,6 +90,7 @@ def flex_layout_attention(query, key, value, block_mask, *, dropout: float = 0.0
         dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     with torch.autocast(device_type, enabled=False):
-        out = flex_kernel(device_type)(query, key, value, block_mask=block_mask, scale=scaling,
-                                       enable_gqa=query.shape[1] != key.shape[1])
+        out = flex_kernel(device_type)(
+            query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
+        )
     return out.transpose(1, 2).contiguous(), None

@@ -55,6 +55,7 @@ def liger_token_logps(head: torch.nn.Linear, hidden: torch.Tensor, targets: torc
         dtype = torch.get_autocast_dtype("cuda")
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    losses = liger_fused_linear_cross_entropy(hidden.contiguous(), weight, targets, bias, reduction="none",
-                                              accum_dtype=torch.float32)
+    losses = liger_fused_linear_cross_entropy(
+        hidden.contiguous(), weight, targets, bias, reduction="none", accum_dtype=torch.float32
+    )
     return -losses.float()

@@ -26,8 +26,10 @@ _WEIGHTS = (1.0, -0.7, 0.4, -0.2)  # per-sequence weights: unequal, like a DPO l
 
 def probe_examples(vocab_size: int) -> list[dict]:
     ids = lambda *xs: [1 + (x * 7919) % (vocab_size - 1) for x in xs]  # noqa: E731 - arbitrary in-vocab tokens
-    return [{"prompt_ids": ids(1, 2, 3, 4), "chosen_ids": ids(5, 6, 7), "rejected_ids": ids(8, 9)},
-            {"prompt_ids": ids(10, 11), "chosen_ids": ids(12), "rejected_ids": ids(13, 14, 15, 16, 17)}]
+    return [
+        {"prompt_ids": ids(1, 2, 3, 4), "chosen_ids": ids(5, 6, 7), "rejected_ids": ids(8, 9)},
+        {"prompt_ids": ids(10, 11), "chosen_ids": ids(12), "rejected_ids": ids(13, 14, 15, 16, 17)},
+    ]
 
 
 def probe_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -79,8 +81,10 @@ def probe(model, options: ForwardOptions, pad_token_id: int, attention: str, fas
         results[key] = None
         if not torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance):
             results[key] = "its log-probs differ from the padded path's"
-        elif any(float((g - w).abs().max()) > 10 * tolerance * max(float(w.abs().max()), 1e-6)
-                 for g, w in zip(got_grads, want_grads)):
+        elif any(
+            float((g - w).abs().max()) > 10 * tolerance * max(float(w.abs().max()), 1e-6)
+            for g, w in zip(got_grads, want_grads)
+        ):
             results[key] = "its gradients differ from the padded path's"
     except Exception as err:  # a model that rejects 4D masks, custom positions or extra arguments
         results[key] = f"{err.__class__.__name__}: {err}"

@@ -107,6 +107,12 @@ _KEEP_OPS = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name)}
 if hasattr(torch.ops.higher_order, "flex_attention"):  # FlexAttention's output too (torch's SAC supports it)
     _KEEP_OPS.add(torch.ops.higher_order.flex_attention)
+try:  # a compiled region (our compiled FlexAttention on CUDA) reaches the policy as one op (torch >= 2.1x)
+    from torch._higher_order_ops.wrap import inductor_compiled_code
+
+    _KEEP_OPS.add(inductor_compiled_code)
+except ImportError:
+    pass
 
 
 def _keep_matmuls(_ctx, op, *_args, **_kwargs):
