@@ -148,6 +148,8 @@ def test_attention_candidates_per_device_and_setting(tokenizer):
     cuda = torch.device("cuda")
     assert attention_candidates(model, on, device=cuda) == ["flex", "segmented", "mask"]
     assert attention_candidates(model, ForwardOptions(flex_attention=False), device=cuda) == ["segmented", "mask"]
+    flex_kernel = sensitive_llama(tokenizer, "flex_attention")  # transformers' own flex: ours replace it too
+    assert attention_candidates(flex_kernel, on, device=cuda) == ["flex", "segmented"]
     model.config.attention_dropout = 0.1  # FlexAttention has no dropout
     assert attention_candidates(model, on, device=cuda) == ["segmented", "mask"]
 

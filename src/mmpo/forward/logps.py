@@ -20,6 +20,8 @@ from mmpo.objectives import entropy_surrogate
 
 #: Attention kernels of transformers that apply a custom 4D mask exactly (tests/forward/).
 MASK_4D_KERNELS = ("sdpa", "eager")
+#: Models set to these kernels run our attention functions (flex, segmented) during our calls.
+OUR_ATTENTION_KERNELS = ("sdpa", "flex_attention")
 
 
 
@@ -36,7 +38,7 @@ def attention_candidates(model, options: ForwardOptions, device: torch.device | 
     sdpa only for our calls, so they need the model to run sdpa and its checkpointed layers to
     replay through transformers' per-layer hook (forward/attention.py)."""
     base = unwrap_model(model)
-    ours = attention_kernel(model) == "sdpa" and replay_is_covered(base)
+    ours = attention_kernel(model) in OUR_ATTENTION_KERNELS and replay_is_covered(base)
     on_cuda = (device or next(model.parameters()).device).type == "cuda"
     no_dropout = not getattr(base.config, "attention_dropout", 0.0)  # FlexAttention has none
     allowed = (("flex", ours and on_cuda and options.flex_attention and no_dropout and flex_available()),
