@@ -195,13 +195,14 @@ def _attention_used() -> tuple[str | None, dict[str, str]]:
     padded path), and why the probe refused faster ones."""
     from mmpo.forward import probe
 
+    verdicts = [(key, reason) for found in list(probe._results.values()) for key, reason in found.items()]
+    training = [(key, reason) for key, reason in verdicts if key[3]]  # probed as it trains (not for the reference)
     used, refused = None, {}
-    for verdicts in list(probe._results.values()):
-        for (_options, mode, _kernel), reason in verdicts.items():
-            if reason is None:
-                used = used or mode
-            else:
-                refused[mode] = reason[:500]
+    for (_options, mode, *_), reason in training or verdicts:  # in probing order: fastest first
+        if reason is None:
+            used = used or mode
+        else:
+            refused[mode] = reason[:500]
     return used, refused
 
 

@@ -23,8 +23,9 @@ The fast paths (``ForwardOptions``; all exact, all on by default; see docs/perfo
 How attention keeps sequences apart in those layouts (the first that the model allows and a
 one-time probe on it shows equal to the padded path; otherwise the padded path, with a warning):
 
-* **flex** (CUDA; models set to sdpa or flex_attention) - FlexAttention with a block-sparse mask built once per micro-batch
-  from the layout (``flex.py``): one fused kernel per layer that skips the masked blocks.
+* **flex** (CUDA; models set to sdpa or flex_attention) - FlexAttention with a block-sparse mask
+  built once per micro-batch from the layout (``flex.py``): one fused kernel per layer that skips
+  the masked blocks.
 * **segmented** (the same models; the CPU path) - one sdpa call per sequence part (``attention.py``).
 * **mask** (sdpa or eager) - one dense call with a ``[rows, 1, width, width]`` mask.
 

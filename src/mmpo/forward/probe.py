@@ -62,14 +62,17 @@ def _pass(run: Callable, params: list) -> tuple[torch.Tensor, list[torch.Tensor]
 def probe(model, options: ForwardOptions, pad_token_id: int, attention: str, fast: Callable) -> str | None:
     """Why ``attention`` does not give the padded path's numbers on this model, or None when it
     does (``fast``: ``fast_preference_logps``; see the module docstring)."""
-    key = (options, attention, attention_kernel(model))
+    was_training = model.training
+    train_mode = was_training and dropout_free(model)
+    # the training mode is part of the key: a model first probed for its reference log-probs (eval,
+    # no recompute) is probed again when it trains, with selective recompute and replays taking part
+    key = (options, attention, attention_kernel(model), train_mode)
     results = _results.setdefault(model, {})
     if key in results:
         return results[key]
     examples = probe_examples(unwrap_model(model).config.vocab_size)
     kwargs = dict(pad_token_id=pad_token_id, compute_entropy=False, length_normalize=False)
-    was_training = model.training
-    model.train(was_training and dropout_free(model))
+    model.train(train_mode)
     params = probe_parameters(unwrap_model(model))
     device_type = next(model.parameters()).device.type
     try:
