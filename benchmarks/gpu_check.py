@@ -24,8 +24,10 @@ Writes ``gpu_check.json`` (everything, with the environment and each phase's sta
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,11 +65,11 @@ def environment(device: str) -> dict:
     import torch
 
     env = {"device": device, "python": sys.version.split()[0], "torch": torch.__version__}
-    for name in ("transformers", "trl", "accelerate", "liger_kernel", "triton"):
+    for name in ("transformers", "trl", "accelerate", "peft", "datasets", "liger-kernel", "triton"):
         try:
-            env[name] = __import__(name).__version__
-        except Exception:  # not installed, or no version attribute
-            env[name] = None
+            env[name.replace("-", "_")] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            env[name.replace("-", "_")] = None
     if device == "cuda":
         from flops import card_peak
 
@@ -82,16 +84,23 @@ def environment(device: str) -> dict:
             a @ a
         torch.cuda.synchronize()
         env["measured_bf16_matmul_flops"] = 10 * 2 * 8192**3 / (time.perf_counter() - started)
+        del a
+        torch.cuda.empty_cache()  # the phases' processes measure their own memory: leave them the card
     return env
 
 
-def start_phase(arguments: list[str]) -> tuple[subprocess.Popen, float]:
+def start_phase(arguments: list[str], capture: bool) -> tuple[subprocess.Popen, float]:
+    """Start a phase in its own process group (so a time-out ends its children too); its output
+    goes straight to ours, or is captured (phases running side by side) and printed at its end."""
+    if not capture:
+        print(f"=== {' '.join(arguments)}", flush=True)
     proc = subprocess.Popen(
         [sys.executable, str(HERE / arguments[0]), *arguments[1:]],
         cwd=HERE.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.STDOUT if capture else None,
         text=True,
+        start_new_session=True,
     )
     return proc, time.perf_counter()
 
@@ -103,10 +112,10 @@ def finish_phase(name: str, arguments: list[str], started: tuple[subprocess.Pope
         output, _ = proc.communicate(timeout=max(1.0, seconds - (time.perf_counter() - began)))
         status = "ok" if proc.returncode == 0 else f"exit code {proc.returncode}"
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the phase's process group: it and the runs it started
         output, _ = proc.communicate()
         status = f"timed out after {seconds:.0f} s"
-    print(f"=== {name}: {' '.join(arguments)} ({status})\n{output}", flush=True)
+    print(f"=== {name}: {' '.join(arguments)} ({status})" + (f"\n{output}" if output else ""), flush=True)
     return {"phase": name, "status": status, "seconds": round(time.perf_counter() - began, 1)}
 
 
@@ -229,14 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     phases = [(name, arguments, seconds) for name, arguments, seconds in plan(dry, work, out) if name not in args.skip]
     report["phases"] = [{"phase": name, "status": "skipped", "seconds": 0.0} for name in args.skip]
     if dry:  # CPU only and small: the phases run side by side (on a GPU, one at a time: they measure it)
-        running = [(name, arguments, start_phase(arguments), seconds) for name, arguments, seconds in phases]
+        running = [(name, arguments, start_phase(arguments, True), seconds) for name, arguments, seconds in phases]
         report["phases"] += [finish_phase(name, arguments, proc, seconds) for name, arguments, proc, seconds in running]
     for name, arguments, seconds in [] if dry else phases:
         left = args.budget - (time.perf_counter() - started)
         if left < 20:
             report["phases"].append({"phase": name, "status": "skipped (time budget spent)", "seconds": 0.0})
             continue
-        report["phases"].append(finish_phase(name, arguments, start_phase(arguments), min(seconds, left)))
+        report["phases"].append(finish_phase(name, arguments, start_phase(arguments, False), min(seconds, left)))
         report["results"], report["seconds"] = collect(work), time.perf_counter() - started
         (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
     report["results"] = collect(work)

@@ -3,15 +3,17 @@
 Run once per model and setting on two tiny pairs before the mode is used: log-probs and, where
 the model has trainable parameters, the gradient of a per-sequence weighted sum of them with
 respect to the first decoder layer's parameters (that gradient passes through every layer's
-attention backward, activation recompute included). It runs in float32 with autocast off, so a
-correct layout agrees to float32 rounding whatever the training precision; the training mode
+attention backward, activation recompute included). It runs in float32 with autocast off (also
+inside Accelerate's mixed-precision wrapper), so a correct layout agrees to float32 rounding
+whatever the training precision; the training mode
 is kept when no dropout is active, so selective recompute and checkpoint replays take part.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -48,6 +50,24 @@ def dropout_free(model: torch.nn.Module) -> bool:
     return not any(dropouts) and not getattr(config, "attention_dropout", 0.0)
 
 
+@contextmanager
+def plain_forward(model: torch.nn.Module) -> Iterator[None]:
+    """The model's own forward inside the block, without the autocast wrapper that Accelerate's mixed
+    precision puts around it (Accelerate keeps the plain one as ``_original_forward``, the one its
+    ``extract_model_from_parallel(keep_fp32_wrapper=False)`` unwraps to), so the probe computes in
+    float32 even when training runs under bf16 autocast."""
+    original = model.__dict__.get("_original_forward")
+    if original is None or "forward" not in model.__dict__:
+        yield
+        return
+    wrapped = model.__dict__["forward"]
+    model.forward = original
+    try:
+        yield
+    finally:
+        model.forward = wrapped
+
+
 def _pass(run: Callable, params: list) -> tuple[torch.Tensor, list[torch.Tensor]]:
     with torch.enable_grad() if params else torch.no_grad():
         out = run()
@@ -76,7 +96,7 @@ def probe(model, options: ForwardOptions, pad_token_id: int, attention: str, fas
     params = probe_parameters(unwrap_model(model))
     device_type = next(model.parameters()).device.type
     try:
-        with torch.autocast(device_type, enabled=False):
+        with torch.autocast(device_type, enabled=False), plain_forward(model):
             want, want_grads = _pass(lambda: padded_preference_logps(model, examples, **kwargs), params)
             got, got_grads = _pass(lambda: fast(model, examples, options, attention, **kwargs), params)
         # float32 agrees to ~1e-6 here; 16-bit weights differ by rounding, so only gross errors count
