@@ -15,6 +15,7 @@ from helpers import REPO
 pytest.importorskip("trl")
 
 
+@pytest.mark.slow  # ~30 s on 2 cores: six Python processes importing torch, transformers and TRL
 def test_dry_run_writes_every_result(tmp_path):
     out = tmp_path / "out"
     env = {
