@@ -89,6 +89,26 @@ class ReportArgs:
     """YAML file of these settings; flags given here override it."""
 
 
+@dataclass
+class ExportArgs:
+    source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_OR_MODEL")] = "runs/mmpo"
+    """A run folder (its final model), a checkpoint's model/ folder or a LoRA adapter folder."""
+    out: str | None = None
+    """Where the merged model goes (default: <source>-merged); only with --merge-lora."""
+    merge_lora: bool = False
+    """Merge a LoRA adapter into its base model: a plain model that transformers and vLLM load."""
+    base_model: str | None = None
+    """The adapter's base model (default: the one its adapter_config.json names)."""
+    dtype: str | None = None
+    """dtype of the merged weights: float32, bfloat16 or float16 (default: the base model's)."""
+    push_to_hub: str | None = None
+    """Upload the (merged) model folder to this Hub repo id, e.g. you/smollm2-mmpo."""
+    private: bool = False
+    """Create the Hub repo as private."""
+    config: str | None = None
+    """YAML file of these settings; flags given here override it."""
+
+
 @functools.cache
 def eval_args_class() -> type:
     """``mmpo eval``'s arguments: the evaluation settings plus the checkpoint (built on first use:
@@ -230,6 +250,14 @@ COMMANDS: dict[str, Command] = {
             commands.run_eval,
         ),
         Command(
+            "export",
+            "publish a trained model: merge a LoRA adapter, push to the Hugging Face Hub",
+            "Publish a trained model: --merge-lora writes a plain model (transformers, vLLM) with its model card; "
+            "--push-to-hub REPO uploads the model folder (without checkpoints/) through huggingface_hub.",
+            lambda: ExportArgs,
+            commands.run_export,
+        ),
+        Command(
             "world build",
             "rebuild the embedded offline world (tokenizer, tiny model, data)",
             "Build the embedded offline world: tokenizer, tiny SFT model, preference data, local tasks.",
@@ -331,11 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mmpo.config import ConfigError
     from mmpo.data import DataError
+    from mmpo.publish.export import ExportError
 
     command, rest = found
     try:
         return command.run(command.parse(rest))
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, ExportError) as err:
         from rich.text import Text
 
         hint = " (pass --on-bad-rows skip to skip and count such rows)" if isinstance(err, DataError) else ""

@@ -79,6 +79,32 @@ def run_sft(cfg: Any) -> int:
     return 0
 
 
+def run_export(args: Any) -> int:
+    from mmpo.publish.export import merge_lora, push_to_hub
+    from mmpo.publish.model_card import invocation, write_model_card
+    from mmpo.training.loop import final_model_dir
+
+    source = Path(args.source)
+    folder = final_model_dir(source) or source if source.is_dir() else source
+    if args.merge_lora:
+        out = Path(args.out or f"{source.resolve()}-merged")
+        merge_lora(folder, out, base_model=args.base_model, dtype=args.dtype)
+        saved = next((p / "config.yaml" for p in (folder, folder.parent, folder.parent.parent) if (p / "config.yaml").is_file()), None)
+        if saved is not None:
+            import yaml
+
+            write_model_card(out, yaml.safe_load(saved.read_text()), command=invocation(), merged=True)
+        say(f"merged model: {out}")
+        folder = out
+    if args.push_to_hub:
+        info = push_to_hub(folder, args.push_to_hub, private=args.private)
+        say(f"pushed {folder} to {args.push_to_hub}: {info.commit_url}")
+    if not (args.merge_lora or args.push_to_hub):
+        say("nothing to do: pass --merge-lora and/or --push-to-hub REPO")
+        return 2
+    return 0
+
+
 def run_eval(args: Any) -> int:
     from mmpo.evaluation.checkpoint_eval import EvalSettings, evaluate_checkpoint, summary_lines
 

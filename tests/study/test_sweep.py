@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import io
 import json
 import os
@@ -174,9 +176,9 @@ def test_memory_estimate_follows_the_settings(tiny_model_dir):
     assert full.parameters == params
     assert full.parts["weights"] == params * 4 / 1024 ** 3
     assert full.parts["optimizer"] == 2 * full.parts["gradients"]
-    bf16 = estimate_gpu_memory(TrainConfig(**{**base.__dict__, "dtype": "bfloat16"}))
-    lora = estimate_gpu_memory(TrainConfig(**{**base.__dict__, "lora": True, "lora_r": 2}))
-    ckpt = estimate_gpu_memory(TrainConfig(**{**base.__dict__, "gradient_checkpointing": True}))
+    bf16 = estimate_gpu_memory(dataclasses.replace(base, dtype="bfloat16"))
+    lora = estimate_gpu_memory(dataclasses.replace(base, lora=True, lora_r=2))
+    ckpt = estimate_gpu_memory(dataclasses.replace(base, gradient_checkpointing=True))
     assert bf16.total_gib < full.total_gib and bf16.parts["weights"] == full.parts["weights"] / 2
     assert 0 < lora.trainable < full.trainable
     assert ckpt.parts["activations"] < full.parts["activations"]

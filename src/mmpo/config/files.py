@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from mmpo.config.aliases import ALIAS_NAMES, translate
 from mmpo.config.provenance import with_sources, with_values
 from mmpo.config.training import ConfigError
 
@@ -24,7 +25,7 @@ def check_keys(cls: type, values: dict[str, Any], source: str) -> None:
     known = config_fields(cls)
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+            close = difflib.get_close_matches(key, sorted(known | ALIAS_NAMES), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
@@ -64,8 +65,12 @@ def _clean(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 def from_dict(cls: type, values: dict[str, Any], source: str = "config", base: Any = None) -> Any:
     """Build ``cls`` from plain values (YAML), on top of ``base`` (or the defaults).
 
-    The values are recorded as coming from ``file:<source>`` (see ``mmpo.config.provenance``).
+    The values are recorded as coming from ``file:<source>`` (see ``mmpo.config.provenance``). TRL
+    and alignment-handbook key names are read as ours (``mmpo.config.aliases``).
     """
+    values, ignored = translate(values, config_fields(cls), source)
+    if ignored:
+        print(f"{source}: ignored (their trainer's bookkeeping, no effect here): {', '.join(ignored)}")
     check_keys(cls, values, source)
     clean = _clean(cls, values)
     if base is None:

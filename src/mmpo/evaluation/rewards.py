@@ -15,7 +15,14 @@ from accelerate import Accelerator
 from mmpo.config import ConfigError, TrainConfig, from_dict, resolve
 from mmpo.data import load_preference_examples
 from mmpo.modeling import load_model, load_tokenizer
-from mmpo.training.preference import PreferenceStep, evaluate_preference, needs_reference, reference_logps, with_model
+from mmpo.training.preference import (
+    PreferenceStep,
+    evaluate_preference,
+    length_limits,
+    needs_reference,
+    reference_logps,
+    with_model,
+)
 from mmpo.training.run_dir import CHECKPOINTS_DIR, CONFIG_FILE, MODEL_DIR
 
 
@@ -58,9 +65,10 @@ def reward_accuracy(model_dir: str | Path, cfg: TrainConfig, *, baseline: str | 
     """
     accelerator = Accelerator()
     tokenizer = load_tokenizer(str(model_dir))
+    max_prompt_length, max_completion_length = length_limits(with_model(cfg, str(model_dir)), say=say)
     examples, report = load_preference_examples(
-        dataset, tokenizer, seed=cfg.seed, max_prompt_length=cfg.max_prompt_length,
-        max_completion_length=cfg.max_completion_length, on_bad_rows=cfg.on_bad_rows)
+        dataset, tokenizer, seed=cfg.seed, max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length, on_bad_rows=cfg.on_bad_rows)
     say(f"reward data: {report.summary()}")
     step = PreferenceStep.from_config(cfg, tokenizer.pad_token_id)
     if needs_reference(cfg):

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from mmpo.config import ConfigError, TrainConfig, apply_preset, is_user_set, resolve, sources, with_values
+from mmpo.config import ConfigError, TrainConfig, apply_preset, is_user_set, resolve, sources
 from mmpo.data import examples_fingerprint, load_preference_examples
 from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps
 from mmpo.modeling import is_peft_model, load_model, load_tokenizer, model_context_length, weights_fingerprint
@@ -240,14 +240,15 @@ def require_examples(kind: str, report) -> None:
         raise ConfigError(f"no usable {kind} examples: {report.summary()}")
 
 
-def fit_lengths(cfg: TrainConfig) -> TrainConfig:
-    """Check the prompt and completion limits against the model's context window.
+def length_limits(cfg: TrainConfig, say=print) -> tuple[int, int]:
+    """The prompt and completion limits that fit the model's context window.
 
     Limits you set that do not fit are an error; default limits that do not fit are lowered to it
-    (prompt and completion sharing the window half and half at most)."""
+    (prompt and completion sharing the window half and half at most) for this run, while the config
+    keeps its values (so a resumed or re-planned run compares equal)."""
     window = model_context_length(cfg)
     if window is None or cfg.max_prompt_length + cfg.max_completion_length <= window:
-        return cfg
+        return cfg.max_prompt_length, cfg.max_completion_length
     defaults = TrainConfig()
     mine = [
         k
@@ -260,12 +261,9 @@ def fit_lengths(cfg: TrainConfig) -> TrainConfig:
             f"more than the model's context window ({window} positions, max_position_embeddings): lower {mine[0]}"
         )
     completion = min(cfg.max_completion_length, window // 2)
-    fitted = with_values(cfg, "model context", max_completion_length=completion, max_prompt_length=window - completion)
-    print(
-        f"length limits lowered to the model's {window} positions: prompt {fitted.max_prompt_length}, "
-        f"completion {fitted.max_completion_length}"
-    )
-    return fitted
+    prompt = min(cfg.max_prompt_length, window - completion)
+    say(f"length limits lowered to the model's {window} positions: prompt {prompt}, completion {completion}")
+    return prompt, completion
 
 
 def describe_objective(cfg: TrainConfig) -> str | None:
@@ -292,7 +290,8 @@ def train(cfg: TrainConfig) -> RunResult:
     """Preference training (MMPO, DPO or SimPO) as configured. The Python API behind ``mmpo train``."""
     cfg = apply_preset(cfg)
     require_sft_stage(cfg)
-    cfg = settle_batch(fit_lengths(resolve(cfg)))
+    cfg = settle_batch(resolve(cfg))
+    max_prompt_length, max_completion_length = length_limits(cfg)
     ForwardOptions.from_config(cfg)  # its own checks, before any long work
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -307,8 +306,8 @@ def train(cfg: TrainConfig) -> RunResult:
     )
     data_settings = dict(
         seed=cfg.seed,
-        max_prompt_length=cfg.max_prompt_length,
-        max_completion_length=cfg.max_completion_length,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
         on_bad_rows=cfg.on_bad_rows,
     )
     train_examples, train_report = load_preference_examples(cfg.dataset, tokenizer, **data_settings)
