@@ -27,14 +27,13 @@ from mmpo.evaluation.judges import (
     Judge,
     JudgeError,
     JudgeVerdict,
-    JudgmentCache,
     MissingAPIKeyError,
     OpenAIJudge,
     ProgrammaticJudge,
     RateLimitError,
     TransientJudgeError,
-    judge_pairs,
 )
+from mmpo.evaluation.judging import JudgmentCache, judge_pairs
 from mmpo.evaluation.winrate import (
     WinRateError,
     average_over_judges,
