@@ -110,7 +110,9 @@ def test_a_changed_max_new_tokens_regenerates_and_changes_the_numbers(
 ):
     monkeypatch.setenv("MMPO_CACHE", str(tmp_path / "cache"))
     prompts, out = prompt_file(tmp_path, 12), tmp_path / "eval"
-    first = evaluate_checkpoint(checkpoint_dir, settings(baseline_dir, prompts, out))
+    first = evaluate_checkpoint(checkpoint_dir, settings(baseline_dir, prompts, out, progress=True))
+    bars = capsys.readouterr().err
+    assert "generating (ckpt)" in bars and "generating (sft)" in bars and "judging (openai:gpt-4o-mini" in bars
     outputs_first = json.loads((out / "model_outputs.json").read_text())
     calls = judge_endpoint.calls
 
@@ -133,6 +135,23 @@ def test_a_changed_max_new_tokens_regenerates_and_changes_the_numbers(
         saved["winrate"]["settings"]["max_new_tokens"] == 24
         and saved["winrate"]["win_rate"] == longer["winrate"]["win_rate"]
     )
+
+    # results.json is rewritten: a part this run does not measure survives only while the checkpoint is unchanged.
+    no_winrate = settings(baseline_dir, prompts, out, winrate=False)
+    assert evaluate_checkpoint(checkpoint_dir, no_winrate)["winrate"] == saved["winrate"]
+    config = checkpoint_dir / "config.json"
+    config.write_text(config.read_text())  # the checkpoint is rewritten in place
+    assert "winrate" not in evaluate_checkpoint(checkpoint_dir, no_winrate)
+    assert "winrate" not in json.loads((out / "results.json").read_text())
+
+
+def test_evaluation_log_lines_are_not_read_as_markup():
+    code = (
+        "import logging; from mmpo.evaluation.console import configure_logging; configure_logging(); "
+        "logging.getLogger('mmpo.evaluation').info('row orca:train:17 judge [bold]x[/bold] path runs/[red]')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "orca:train:17" in done.stderr and "[bold]x[/bold]" in done.stderr and "runs/[red]" in done.stderr
 
 
 def test_limit_zero_is_refused_before_any_work(tmp_path, tiny_model_dir):
@@ -216,3 +235,11 @@ def test_win_rates_equal_alpaca_eval_on_the_same_annotations(
     assert abs(per["length_controlled_winrate"] - board["length_controlled_winrate"]) < 0.05
     assert per["lc_variant"] == "length_controlled_minimal"
     assert abs(per["glm_weights"]["length"]) > 1.0  # the length term really was at work
+
+
+def test_a_judge_that_cannot_run_is_a_config_error_before_any_work(tmp_path, tiny_model_dir, monkeypatch):
+    from mmpo.config import ConfigError
+
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="ANTHROPIC_API_KEY"):
+        evaluate_checkpoint(tmp_path / "nowhere", EvalSettings(baseline=str(tiny_model_dir), judge=("anthropic:c",)))

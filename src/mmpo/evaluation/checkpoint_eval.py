@@ -204,16 +204,20 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings | None = 
                         **run_overrides: Any) -> dict:
     """Evaluate one checkpoint (run folder, checkpoint folder or model folder); returns and writes the results."""
     from mmpo.evaluation.console import configure_logging
+    from mmpo.evaluation.judges import FatalJudgeError
     from mmpo.evaluation.rewards import resolve_checkpoint, reward_accuracy, run_config
 
     configure_logging()
     s = settings or EvalSettings()
     check_settings(s)
     judges = [parse_judge(j) for j in s.judge] if s.winrate else []
-    for judge in judges:  # missing keys, packages and bad endpoints fail here, before generation
+    for judge in judges:  # missing keys and packages fail here, before any model is loaded
         check = getattr(judge, "check_ready", None)
         if check:
-            check()
+            try:
+                check()
+            except FatalJudgeError as err:
+                raise ConfigError(f"judge {judge.name}: {err}") from None
     model_dir, config_file = resolve_checkpoint(checkpoint)
     if not (Path(model_dir) / "tokenizer_config.json").is_file() and Path(model_dir).is_dir():
         raise ConfigError(f"{model_dir} has no tokenizer files; save the tokenizer with the model")
