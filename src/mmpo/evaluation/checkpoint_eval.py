@@ -68,6 +68,9 @@ class EvalSettings:
     """Seed for sampling, this package's judges' order randomization and the harness (AlpacaEval's annotator keeps its own)."""
     progress: bool = True
     """Show progress bars while generating and judging."""
+    lc_v1_data: str | None = None
+    """A local copy of AlpacaEval's df_gamed.csv (tatsu-lab/alpaca_eval dataset repo): also report AlpacaEval's
+    length_controlled_v1 LC win-rate (only meaningful on the 805 AlpacaEval prompts, in order)."""
     output: str | None = None
     """Folder for results.json, generations and the judge cache (default: <checkpoint>/eval)."""
 
@@ -105,6 +108,8 @@ def check_settings(s: EvalSettings) -> None:
     if s.max_new_tokens < 1 or s.batch_size < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
         raise ConfigError(f"need --max-new-tokens >= 1, --batch-size >= 1, --temperature >= 0 and 0 < --top-p <= 1 "
                           f"(got {s.max_new_tokens}, {s.batch_size}, {s.temperature}, {s.top_p})")
+    if s.lc_v1_data and not Path(s.lc_v1_data).is_file():
+        raise ConfigError(f"--lc-v1-data {s.lc_v1_data}: file not found (AlpacaEval's df_gamed.csv)")
     if s.winrate and not s.judge:
         raise ConfigError("--winrate needs at least one --judge (or pass --no-winrate)")
 
@@ -178,6 +183,10 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
     for judge in judges:
         rows = _run_judge(judge, model_records, base_records, out_dir, s)
         summary = summarize_judgments(rows)
+        if s.lc_v1_data:
+            from mmpo.evaluation.lc_v1 import length_controlled_v1_win_rate
+
+            summary.update(length_controlled_v1_win_rate(rows, s.lc_v1_data))
         summary["n_identical"] = sum(bool(r.get("identical")) for r in rows)
         path = write_annotations(rows, judge.name, out_dir / "annotations" / annotations_file_name(judge.name))
         summary["annotations_file"] = str(path)
@@ -292,7 +301,9 @@ def summary_lines(results: dict) -> list[str]:
         for name, per in w["per_judge"].items():
             lc = per.get("length_controlled_winrate", float("nan"))
             lines.append(f"win-rate vs baseline, judge {name}: {per['win_rate']:.1f}% (standard error "
-                         f"{per['standard_error']:.1f})   LC {lc:.1f}% ({per.get('lc_variant', 'n/a')})")
+                         f"{per['standard_error']:.1f})   LC {lc:.1f}% ({per.get('lc_variant', 'n/a')})"
+                         + (f"   LC v1 {per['length_controlled_winrate_v1']:.1f}%"
+                            if "length_controlled_winrate_v1" in per else ""))
         if len(w["per_judge"]) > 1:
             lines.append(f"win-rate averaged over judges: {w.get('win_rate', float('nan')):.1f}%   "
                          f"LC {w.get('length_controlled_winrate', float('nan')):.1f}%")

@@ -90,24 +90,27 @@ def win_rate(judgments: Sequence[Mapping]) -> dict:
     }
 
 
-def _fit_probability_glm(X: np.ndarray, p: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """Logistic regression with targets in [0, 1]; returns the weights and their sandwich covariance."""
+def _fit_probability_glm(
+    X: np.ndarray, p: np.ndarray, ridge: float, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Weighted) logistic regression with targets in [0, 1]; returns the weights and their sandwich covariance."""
     n, k = X.shape
+    c = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
 
     def objective(w):
         z = X @ w
-        nll = -(p * log_expit(z) + (1 - p) * log_expit(-z)).sum() + 0.5 * ridge * n * (w @ w)
-        grad = X.T @ (expit(z) - p) + ridge * n * w
+        nll = -(c * (p * log_expit(z) + (1 - p) * log_expit(-z))).sum() + 0.5 * ridge * n * (w @ w)
+        grad = X.T @ (c * (expit(z) - p)) + ridge * n * w
         return nll, grad
 
     def hessian(w):
         s = expit(X @ w)
-        return (X * (s * (1 - s))[:, None]).T @ X + ridge * n * np.eye(k)
+        return (X * (c * s * (1 - s))[:, None]).T @ X + ridge * n * np.eye(k)
 
     fit = minimize(objective, np.zeros(k), jac=True, hess=hessian, method="trust-exact")
     w = fit.x
     bread = np.linalg.pinv(hessian(w))
-    residuals = expit(X @ w) - p
+    residuals = c * (expit(X @ w) - p)
     meat = (X * residuals[:, None] ** 2).T @ X
     return w, bread @ meat @ bread
 
@@ -191,12 +194,15 @@ def average_over_judges(results: Mapping[str, Mapping]) -> dict:
         raise WinRateError("average_over_judges needs at least one judge's results")
     averaged: dict = {"judges": sorted(results), "per_judge": {k: dict(v) for k, v in results.items()}}
     for value_key, se_key in (("win_rate", "standard_error"),
-                              ("length_controlled_winrate", "lc_standard_error_delta_method")):
+                              ("length_controlled_winrate", "lc_standard_error_delta_method"),
+                              ("length_controlled_winrate_v1", None)):
         present = [r for r in results.values() if value_key in r]
         if len(present) != len(results):
             continue  # only average a metric every judge has
         k = len(present)
         averaged[value_key] = float(np.mean([r[value_key] for r in present]))
+        if se_key is None:
+            continue
         ses = [r.get(se_key) for r in present]
         if all(s is not None and np.isfinite(s) for s in ses):
             averaged[se_key] = float(np.sqrt(np.sum(np.square(ses))) / k)
