@@ -65,7 +65,8 @@ class EvalSettings:
     limit: int | None = None
     """Use only the first N prompts / harness documents (quick checks); at least 1."""
     seed: int = 42
-    """Seed for sampling, this package's judges' order randomization and the harness (AlpacaEval's annotator keeps its own)."""
+    """Seed for sampling, this package's judges' order randomization and the harness (AlpacaEval's annotator
+    keeps its own)."""
     progress: bool = True
     """Show progress bars while generating and judging."""
     lc_v1_data: str | None = None
@@ -92,8 +93,10 @@ def parse_judge(spec: str):
     if kind == "alpaca_eval":
         return AlpacaEvalAnnotator(model or PAPER_ANNOTATOR)
     if kind not in ("openai", "openai-binary", "anthropic"):
-        raise ConfigError(f"unknown judge '{spec}'; use alpaca_eval:CONFIG, programmatic, openai:MODEL, "
-                          "openai-binary:MODEL or anthropic:MODEL")
+        raise ConfigError(
+            f"unknown judge '{spec}'; use alpaca_eval:CONFIG, programmatic, openai:MODEL, "
+            "openai-binary:MODEL or anthropic:MODEL"
+        )
     if not model:
         raise ConfigError(f"judge '{spec}': name a model, e.g. {kind}:gpt-4o-mini-2024-07-18")
     if kind in ("openai", "openai-binary"):
@@ -106,8 +109,10 @@ def check_settings(s: EvalSettings) -> None:
     if s.limit is not None and s.limit < 1:
         raise ConfigError(f"--limit {s.limit}: use at least 1 prompt/document, or leave --limit out to use them all")
     if s.max_new_tokens < 1 or s.batch_size < 1 or s.temperature < 0 or not 0 < s.top_p <= 1:
-        raise ConfigError(f"need --max-new-tokens >= 1, --batch-size >= 1, --temperature >= 0 and 0 < --top-p <= 1 "
-                          f"(got {s.max_new_tokens}, {s.batch_size}, {s.temperature}, {s.top_p})")
+        raise ConfigError(
+            f"need --max-new-tokens >= 1, --batch-size >= 1, --temperature >= 0 and 0 < --top-p <= 1 "
+            f"(got {s.max_new_tokens}, {s.batch_size}, {s.temperature}, {s.top_p})"
+        )
     if s.lc_v1_data and not Path(s.lc_v1_data).is_file():
         raise ConfigError(f"--lc-v1-data {s.lc_v1_data}: file not found (AlpacaEval's df_gamed.csv)")
     if s.winrate and not s.judge:
@@ -129,8 +134,17 @@ def baseline_outputs(s: EvalSettings, prompts: list[dict], say) -> list[dict]:
     """The baseline's answers from the shared cache, generated there first if missing."""
     from mmpo.evaluation.generations import generate_or_reuse
 
-    return generate_or_reuse(s.baseline, prompts, generation_settings(s), None, generator=baseline_name(s.baseline, ""),
-                             batch_size=s.batch_size, progress=s.progress, say=say, shared_cache=True)
+    return generate_or_reuse(
+        s.baseline,
+        prompts,
+        generation_settings(s),
+        None,
+        generator=baseline_name(s.baseline, ""),
+        batch_size=s.batch_size,
+        progress=s.progress,
+        say=say,
+        shared_cache=True,
+    )
 
 
 def generator_name(model_dir: Path) -> str:
@@ -153,15 +167,20 @@ def checkpoint_files_fingerprint(model_dir: Path) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
-def _run_judge(judge, model_records: list[dict], base_records: list[dict], out_dir: Path, s: EvalSettings) -> list[dict]:
+def _run_judge(
+    judge, model_records: list[dict], base_records: list[dict], out_dir: Path, s: EvalSettings
+) -> list[dict]:
     from mmpo.evaluation.alpaca_annotator import AlpacaEvalAnnotator
     from mmpo.evaluation.judging import judge_pairs
 
     if isinstance(judge, AlpacaEvalAnnotator):
         cache_dir = out_dir / "alpaca_eval_cache"
-        return judge.annotate(model_records, base_records, cache_path=cache_dir / f"{judge.config}.json", work_dir=cache_dir)
-    return judge_pairs(judge, model_records, base_records, cache_path=out_dir / "judge_cache.jsonl", seed=s.seed,
-                       progress=s.progress)
+        return judge.annotate(
+            model_records, base_records, cache_path=cache_dir / f"{judge.config}.json", work_dir=cache_dir
+        )
+    return judge_pairs(
+        judge, model_records, base_records, cache_path=out_dir / "judge_cache.jsonl", seed=s.seed, progress=s.progress
+    )
 
 
 def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Path, say) -> dict:
@@ -175,10 +194,12 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
     base_gen = baseline_name(s.baseline, model_gen)
     model_path, ref_path = out_dir / "model_outputs.json", out_dir / "reference_outputs.json"
     common = {"batch_size": s.batch_size, "progress": s.progress, "say": say}
-    model_records = generate_or_reuse(str(model_dir), prompts, generation_settings(s), model_path, generator=model_gen,
-                                      **common)
-    base_records = generate_or_reuse(s.baseline, prompts, generation_settings(s), ref_path, generator=base_gen,
-                                     shared_cache=True, **common)
+    model_records = generate_or_reuse(
+        str(model_dir), prompts, generation_settings(s), model_path, generator=model_gen, **common
+    )
+    base_records = generate_or_reuse(
+        s.baseline, prompts, generation_settings(s), ref_path, generator=base_gen, shared_cache=True, **common
+    )
     per_judge = {}
     for judge in judges:
         rows = _run_judge(judge, model_records, base_records, out_dir, s)
@@ -202,15 +223,19 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
             "model": sum(grade(r, r["output"]) == 2 for r in model_records) / len(model_records),
             "baseline": sum(grade(r, r["output"]) == 2 for r in base_records) / len(base_records),
         }
-    part.update(model_outputs=str(model_path), reference_outputs=str(ref_path), generator=model_gen,
-                baseline_generator=base_gen,
-                settings={**generation_settings(s), "prompts": s.prompts, "n_prompts": len(prompts),
-                          "judges": list(s.judge)})
+    part.update(
+        model_outputs=str(model_path),
+        reference_outputs=str(ref_path),
+        generator=model_gen,
+        baseline_generator=base_gen,
+        settings={**generation_settings(s), "prompts": s.prompts, "n_prompts": len(prompts), "judges": list(s.judge)},
+    )
     return part
 
 
-def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings | None = None, say=print,
-                        **run_overrides: Any) -> dict:
+def evaluate_checkpoint(
+    checkpoint: str | Path, settings: EvalSettings | None = None, say=print, **run_overrides: Any
+) -> dict:
     """Evaluate one checkpoint (run folder, checkpoint folder or model folder); returns and writes the results."""
     from mmpo.evaluation.console import configure_logging
     from mmpo.evaluation.judges import FatalJudgeError
@@ -230,13 +255,19 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings | None = 
     model_dir, config_file = resolve_checkpoint(checkpoint)
     if not (Path(model_dir) / "tokenizer_config.json").is_file() and Path(model_dir).is_dir():
         raise ConfigError(f"{model_dir} has no tokenizer files; save the tokenizer with the model")
-    out_dir = Path(s.output) if s.output else (Path(model_dir).parent / "eval" if config_file else Path(model_dir) / "eval")
+    out_dir = (
+        Path(s.output) if s.output else (Path(model_dir).parent / "eval" if config_file else Path(model_dir) / "eval")
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / "results.json"
     files = checkpoint_files_fingerprint(Path(model_dir))
     measuring = {"rewards": s.rewards, "winrate": bool(judges), "harness": bool(s.harness)}
-    results: dict[str, Any] = {"checkpoint": str(model_dir), "checkpoint_files": files, "baseline": s.baseline,
-                               **_kept_parts(result_path, files, measuring, say)}
+    results: dict[str, Any] = {
+        "checkpoint": str(model_dir),
+        "checkpoint_files": files,
+        "baseline": s.baseline,
+        **_kept_parts(result_path, files, measuring, say),
+    }
 
     def save():
         result_path.write_text(json.dumps(results, indent=1))
@@ -244,7 +275,9 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings | None = 
     save()  # from here on the file never shows another run's parts for what this run measures
     if s.rewards:
         cfg = run_config(config_file, **run_overrides)
-        results["rewards"] = reward_accuracy(model_dir, cfg, baseline=s.baseline, dataset=list(s.reward_dataset), say=say)
+        results["rewards"] = reward_accuracy(
+            model_dir, cfg, baseline=s.baseline, dataset=list(s.reward_dataset), say=say
+        )
         save()
     if judges:
         results["winrate"] = measure_winrate(Path(model_dir), judges, s, out_dir, say)
@@ -252,8 +285,14 @@ def evaluate_checkpoint(checkpoint: str | Path, settings: EvalSettings | None = 
     if s.harness:
         from mmpo.evaluation.harness import run_harness
 
-        results["harness"] = run_harness(str(model_dir), harness_task_names(s), local_tasks_dir=s.local_tasks_dir,
-                                         apply_chat_template=s.harness_chat_template, seed=s.seed, limit=s.limit)
+        results["harness"] = run_harness(
+            str(model_dir),
+            harness_task_names(s),
+            local_tasks_dir=s.local_tasks_dir,
+            apply_chat_template=s.harness_chat_template,
+            seed=s.seed,
+            limit=s.limit,
+        )
     results["results_file"] = str(result_path)
     save()
     return results
@@ -294,19 +333,28 @@ def summary_lines(results: dict) -> list[str]:
     lines = [f"checkpoint: {results['checkpoint']}"]
     if "rewards" in results:
         r = results["rewards"]
-        lines.append(f"reward accuracy ({r['objective']}, {r['pairs']} pairs): {r['reward_accuracy']:.3f}   "
-                     f"eval loss {r['eval_loss']:.4f}")
+        lines.append(
+            f"reward accuracy ({r['objective']}, {r['pairs']} pairs): {r['reward_accuracy']:.3f}   "
+            f"eval loss {r['eval_loss']:.4f}"
+        )
     if "winrate" in results:
         w = results["winrate"]
         for name, per in w["per_judge"].items():
             lc = per.get("length_controlled_winrate", float("nan"))
-            lines.append(f"win-rate vs baseline, judge {name}: {per['win_rate']:.1f}% (standard error "
-                         f"{per['standard_error']:.1f})   LC {lc:.1f}% ({per.get('lc_variant', 'n/a')})"
-                         + (f"   LC v1 {per['length_controlled_winrate_v1']:.1f}%"
-                            if "length_controlled_winrate_v1" in per else ""))
+            lines.append(
+                f"win-rate vs baseline, judge {name}: {per['win_rate']:.1f}% (standard error "
+                f"{per['standard_error']:.1f})   LC {lc:.1f}% ({per.get('lc_variant', 'n/a')})"
+                + (
+                    f"   LC v1 {per['length_controlled_winrate_v1']:.1f}%"
+                    if "length_controlled_winrate_v1" in per
+                    else ""
+                )
+            )
         if len(w["per_judge"]) > 1:
-            lines.append(f"win-rate averaged over judges: {w.get('win_rate', float('nan')):.1f}%   "
-                         f"LC {w.get('length_controlled_winrate', float('nan')):.1f}%")
+            lines.append(
+                f"win-rate averaged over judges: {w.get('win_rate', float('nan')):.1f}%   "
+                f"LC {w.get('length_controlled_winrate', float('nan')):.1f}%"
+            )
         if "concise_correct_rate" in w:
             c = w["concise_correct_rate"]
             lines.append(f"concise correct answers: model {c['model']:.1%}  baseline {c['baseline']:.1%}")

@@ -161,7 +161,9 @@ def _template_hash(*parts: str) -> str:
 def _api_key(env_var: str, judge_name: str) -> str:
     key = os.environ.get(env_var, "").strip()
     if not key:
-        raise MissingAPIKeyError(f"{judge_name} needs an API key in the environment variable {env_var}, which is unset or empty")
+        raise MissingAPIKeyError(
+            f"{judge_name} needs an API key in the environment variable {env_var}, which is unset or empty"
+        )
     return key
 
 
@@ -211,7 +213,12 @@ class _SDKClient:
 
     def __init__(self, sdk_name: str, key_env: str, base_url: str | None, timeout: float, judge_name: str):
         self.sdk_name, self.key_env, self.base_url, self.timeout, self.judge_name = (
-            sdk_name, key_env, base_url, timeout, judge_name)
+            sdk_name,
+            key_env,
+            base_url,
+            timeout,
+            judge_name,
+        )
         self._lock = threading.Lock()
         self._client = None
 
@@ -305,7 +312,9 @@ class OpenAIJudge:
         if self.use_logprobs:
             preference = _logprob_preference(choice)
             if preference is None:
-                return JudgeVerdict(None, text, "no log-probs for 'm' or 'M' in the reply (a weighted judge needs them)")
+                return JudgeVerdict(
+                    None, text, "no log-probs for 'm' or 'M' in the reply (a weighted judge needs them)"
+                )
             return JudgeVerdict(preference, text)
         preference = parse_binary_label(text)
         if preference is None:
@@ -369,7 +378,9 @@ class AnthropicJudge:
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "system": self.system_prompt,
-            "messages": [{"role": "user", "content": _render_prompt(self.user_template, instruction, output_a, output_b)}],
+            "messages": [
+                {"role": "user", "content": _render_prompt(self.user_template, instruction, output_a, output_b)}
+            ],
         }
         temperature = {"temperature": body.pop("temperature")}  # sent as a raw field: newer SDKs dropped the argument
         reply = self._client.call(lambda client: client.messages.create(**body, extra_body=temperature))

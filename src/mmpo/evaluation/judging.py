@@ -53,7 +53,9 @@ class JudgmentCache:
                     entry = json.loads(line)
                     self._entries[entry["key"]] = entry
                 except (ValueError, KeyError, TypeError):
-                    log.warning("judgment cache %s: skipping unreadable line %d (an interrupted write?)", self.path, line_no)
+                    log.warning(
+                        "judgment cache %s: skipping unreadable line %d (an interrupted write?)", self.path, line_no
+                    )
         else:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -147,10 +149,17 @@ def judge_pairs(
         a, b = records_a[i], records_b[i]
         shown = (b["output"], a["output"]) if flips[i] else (a["output"], b["output"])
         row = {
-            "index": i, "instruction": a["instruction"],
-            "generator_a": a.get("generator"), "generator_b": b.get("generator"),
-            "output_a": a["output"], "output_b": b["output"],
-            "preference": None, "flipped": flips[i], "raw": "", "error": None, "cached": False,
+            "index": i,
+            "instruction": a["instruction"],
+            "generator_a": a.get("generator"),
+            "generator_b": b.get("generator"),
+            "output_a": a["output"],
+            "output_b": b["output"],
+            "preference": None,
+            "flipped": flips[i],
+            "raw": "",
+            "error": None,
+            "cached": False,
         }
         if "difficulty" in a:
             row["difficulty"] = a["difficulty"]
@@ -161,7 +170,9 @@ def judge_pairs(
         verdict = cache.get(key) if cache is not None else None
         row["cached"] = verdict is not None
         if verdict is None:
-            verdict = _call_with_retries(judge, a["instruction"], *shown, a, max_retries, backoff_base, max_backoff, stop)
+            verdict = _call_with_retries(
+                judge, a["instruction"], *shown, a, max_retries, backoff_base, max_backoff, stop
+            )
             if cache is not None and verdict.error is None:
                 cache.put(key, verdict)
         row["raw"], row["error"] = verdict.raw, verdict.error
@@ -196,13 +207,27 @@ def judge_pairs(
     n_errors = sum(r["error"] is not None for r in rows)
     if n_errors:
         first = next(r for r in rows if r["error"] is not None)
-        log.warning("%d of %d judgments failed and are excluded from the win-rate (first, example %d: %s)",
-                    n_errors, len(rows), first["index"], first["error"])
+        log.warning(
+            "%d of %d judgments failed and are excluded from the win-rate (first, example %d: %s)",
+            n_errors,
+            len(rows),
+            first["index"],
+            first["error"],
+        )
     return rows
 
 
-def _call_with_retries(judge: Judge, instruction: str, first: str, second: str, example: Mapping,
-                       max_retries: int, backoff_base: float, max_backoff: float, stop: threading.Event) -> JudgeVerdict:
+def _call_with_retries(
+    judge: Judge,
+    instruction: str,
+    first: str,
+    second: str,
+    example: Mapping,
+    max_retries: int,
+    backoff_base: float,
+    max_backoff: float,
+    stop: threading.Event,
+) -> JudgeVerdict:
     for attempt in range(max_retries + 1):
         if stop.is_set():
             raise FatalJudgeError("judging stopped after a fatal error in another example")
