@@ -48,6 +48,13 @@ def test_eval_reports_three_axes_and_reuses_its_work(tmp_path, tiny_model_dir, p
     saved = json.loads(Path(results["results_file"]).read_text())
     assert saved["rewards"] == results["rewards"] and Path(results["results_file"]).parent.name == "eval"
     assert any("win-rate" in line for line in summary_lines(results))
+    # AlpacaEval-compatible files: the generator is named after the run and checkpoint, the baseline's beside it.
+    checkpoint = Path(results["checkpoint"]).parent
+    model_records = json.loads(Path(results["winrate"]["model_outputs"]).read_text())
+    reference_records = json.loads(Path(results["winrate"]["reference_outputs"]).read_text())
+    assert {r["generator"] for r in model_records} == {f"run-{checkpoint.name}"}
+    assert {r["generator"] for r in reference_records} == {Path(tiny_model_dir).name}
+    assert Path(results["winrate"]["reference_outputs"]).parent == Path(results["results_file"]).parent
 
     capsys.readouterr()
     again = evaluate_checkpoint(trained_run, EvalSettings(**{**settings.__dict__, "harness": (), "rewards": False}))

@@ -74,9 +74,11 @@ def write_tasks(folder, model_dir) -> dict:
     return {name: hits / len(QUERIES) for name, hits in norm_hits.items()}
 
 
-def test_lm_eval_runs_local_tasks_on_the_tiny_model(opinionated_model_dir, tmp_path):
+def test_lm_eval_runs_local_tasks_on_the_tiny_model(opinionated_model_dir, tmp_path, monkeypatch, capfd):
     expected_norm = write_tasks(tmp_path / "tasks", opinionated_model_dir)
+    monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval's git probe must stay quiet
     result = run_harness(str(opinionated_model_dir), ["favourite", "least"], local_tasks_dir=tmp_path / "tasks", batch_size=4)
+    assert "not a git repository" not in capfd.readouterr().err
     favourite, least = result["tasks"]["favourite"], result["tasks"]["least"]
     assert (favourite["acc"], least["acc"]) == (1.0, 0.0)
     assert (favourite["acc_norm"], least["acc_norm"]) == pytest.approx((expected_norm["favourite"], expected_norm["least"]))

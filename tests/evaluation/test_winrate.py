@@ -39,7 +39,7 @@ def test_lc_removes_a_pure_length_preference():
     lc = length_controlled_win_rate([{k: v for k, v in r.items() if k != "difficulty"} for r in rows])
     assert truth == pytest.approx(50.0)
     assert raw["win_rate"] > 60  # the raw number is inflated by verbosity
-    assert abs(lc["length_controlled_winrate"] - 50.0) < max(3 * lc["lc_standard_error"], 1.0)
+    assert abs(lc["length_controlled_winrate"] - 50.0) < max(3 * lc["lc_standard_error_delta_method"], 1.0)
     assert abs(lc["length_controlled_winrate"] - 50.0) < 5
     assert lc["glm_weights"]["length"] == pytest.approx(1.5, abs=0.35)
     assert lc["glm_weights"]["difficulty"] is None
@@ -52,7 +52,7 @@ def test_lc_recovers_true_quality_under_length_bias(quality):
     # Probability targets from exactly this GLM family: the fit is essentially exact.
     assert lc["length_controlled_winrate"] == pytest.approx(truth, abs=0.5)
     assert lc["glm_weights"]["length"] == pytest.approx(1.0, abs=0.05)
-    assert lc["lc_standard_error"] < 0.5
+    assert lc["lc_standard_error_delta_method"] < 0.5
 
 
 def test_lc_uses_instruction_difficulty_when_given():
@@ -73,7 +73,7 @@ def test_identical_generators_give_fifty_percent():
     rows = [{"preference": 0.5, "output_a": o, "output_b": o} for o in outputs]
     summary = summarize_judgments(rows)
     assert summary["length_controlled_winrate"] == 50.0
-    assert summary["lc_standard_error"] == 0.0
+    assert summary["lc_standard_error_delta_method"] == 0.0
     assert summary["win_rate"] == 50.0 and summary["n_draws"] == len(rows)
 
 
@@ -107,8 +107,8 @@ def test_all_failed_judgments_raise_with_the_first_error():
 
 def test_average_over_judges():
     results = {
-        "gpt": {"win_rate": 60.0, "standard_error": 3.0, "length_controlled_winrate": 55.0, "lc_standard_error": 4.0},
-        "claude": {"win_rate": 50.0, "standard_error": 4.0, "length_controlled_winrate": 45.0, "lc_standard_error": 3.0},
+        "gpt": {"win_rate": 60.0, "standard_error": 3.0, "length_controlled_winrate": 55.0, "lc_standard_error_delta_method": 4.0},
+        "claude": {"win_rate": 50.0, "standard_error": 4.0, "length_controlled_winrate": 45.0, "lc_standard_error_delta_method": 3.0},
     }
     avg = average_over_judges(results)
     assert avg["win_rate"] == pytest.approx(55.0)

@@ -53,7 +53,7 @@ def make_sweep(root: Path, *, seed: int = 0, length_controlled: bool = True) -> 
                         {"global_step": epoch * STEPS_PER_EPOCH, "epoch": float(epoch)}))
                     winrate = {"win_rate": rng.uniform(20, 80), "standard_error": rng.uniform(1, 3)}
                     if length_controlled:
-                        winrate.update(length_controlled_winrate=rng.uniform(20, 80), lc_standard_error=1.0)
+                        winrate.update(length_controlled_winrate=rng.uniform(20, 80), lc_standard_error_delta_method=1.0)
                     results = {"winrate": winrate, "harness": {"average_acc": rng.uniform(0.3, 0.5)}}
                     if not (objective == "dpo" and epoch == 2):  # the report falls back to metrics.jsonl
                         results["rewards"] = {"reward_accuracy": rng.random()}

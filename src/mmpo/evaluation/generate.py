@@ -1,7 +1,8 @@
 """Generating answers to an instruction set, in AlpacaEval's ``model_outputs.json`` format.
 
-Each record is ``{"instruction", "output", "generator"}`` plus whatever metadata the instruction
-row carried (task answers for a programmatic judge, a difficulty, a dataset name). Prompts go
+Each record is ``{"instruction", "output", "generator"}`` plus the scalar metadata the instruction
+row carried (task answers for a programmatic judge, a difficulty, a dataset name); list- or
+object-valued fields are left out, as ``alpaca_eval`` cannot merge on them. Prompts go
 through the tokenizer's chat template as a single user turn; batches are left-padded so every
 row's generation starts right after its own prompt, and decoding stops at the end-of-turn/EOS.
 
@@ -27,6 +28,7 @@ __all__ = [
     "load_generation_model",
     "generate_outputs",
     "write_model_outputs",
+    "alpaca_eval_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -258,8 +260,17 @@ def generate_outputs(
     if n_unfinished:
         log.info("%d of %d outputs hit max_new_tokens=%d before an end-of-turn token", n_unfinished, len(rows), max_new_tokens)
 
-    return [{**{k: v for k, v in r.items() if k not in _REFERENCE_KEYS}, "instruction": r["instruction"],
-             "output": out, "generator": generator_name} for r, out in zip(rows, outputs)]
+    return [alpaca_eval_record(r, out, generator_name) for r, out in zip(rows, outputs)]
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def alpaca_eval_record(row: Mapping, output: str, generator: str) -> dict:
+    """AlpacaEval's fields plus the row's scalar metadata (lists and objects break ``alpaca_eval``'s merge)."""
+    metadata = {k: v for k, v in row.items() if k not in _REFERENCE_KEYS and k != "instruction" and _is_scalar(v)}
+    return {"instruction": row["instruction"], "output": output, "generator": generator, **metadata}
 
 
 def write_model_outputs(records: Sequence[Mapping], path: str | Path) -> Path:
@@ -268,6 +279,9 @@ def write_model_outputs(records: Sequence[Mapping], path: str | Path) -> Path:
         missing = [k for k in ("instruction", "output", "generator") if not isinstance(record.get(k), str)]
         if missing:
             raise ValueError(f"record {i} lacks string field(s) {missing}")
+        nested = [k for k, v in record.items() if not _is_scalar(v)]
+        if nested:
+            raise ValueError(f"record {i}: field(s) {nested} are not scalars; AlpacaEval's files hold scalar fields only")
     path = Path(path)
     if path.suffix != ".json":
         path = path / "model_outputs.json"

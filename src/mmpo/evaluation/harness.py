@@ -22,9 +22,12 @@ per-byte log-likelihood (lm-eval's definitions).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
+import os
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,6 +152,27 @@ def summarize_lm_eval_results(results: dict, tasks: Sequence[str]) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _quiet_git_probe():
+    """lm-eval records ``git describe`` of the working folder, and git prints "fatal: not a git
+    repository" outside one; run that probe with git's stderr discarded (same result otherwise)."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash_quietly():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = git_hash_quietly
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
+
+
 def run_harness(
     model_path: str | Path,
     tasks: Sequence[str] = PAPER_TASKS,
@@ -197,22 +221,23 @@ def run_harness(
                   "batch_size": batch_size, "apply_chat_template": apply_chat_template, "seed": seed,
                   "limit": limit, "device": device, "lm_eval_version": getattr(lm_eval, "__version__", None)}
         log.info("lm-eval: %s", config)
-        results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=config["model_args"],
-            tasks=tasks,
-            num_fewshot=0,
-            batch_size=batch_size,
-            device=device,
-            limit=limit,
-            apply_chat_template=apply_chat_template,
-            task_manager=manager,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            log_samples=False,
-        )
+        with _quiet_git_probe():
+            results = lm_eval.simple_evaluate(
+                model="hf",
+                model_args=config["model_args"],
+                tasks=tasks,
+                num_fewshot=0,
+                batch_size=batch_size,
+                device=device,
+                limit=limit,
+                apply_chat_template=apply_chat_template,
+                task_manager=manager,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                log_samples=False,
+            )
     if results is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm-eval returned no results (is this a non-main process of a distributed run?)")
     summary = summarize_lm_eval_results(results, tasks)

@@ -95,7 +95,7 @@ def _win_rates(results: dict) -> tuple[float | None, float | None, float | None]
     raw = winrate.get("win_rate")
     lc = winrate.get("length_controlled_winrate")
     if lc is not None:
-        return lc, raw, winrate.get("lc_standard_error")
+        return lc, raw, winrate.get("lc_standard_error_delta_method", winrate.get("lc_standard_error"))
     return raw, raw, winrate.get("standard_error")
 
 
