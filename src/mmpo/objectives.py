@@ -232,7 +232,7 @@ def batch_loss(
     chosen_entropy: torch.Tensor | None = None,
     rejected_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The micro-batch loss (SPEC.md step 5): the mean of the per-pair ``losses``, minus
+    """The micro-batch loss (docs/objectives.md, MMPO step 5): the mean of the per-pair ``losses``, minus
     ``entropy_coef`` times the mean entropy surrogate over the batch's chosen and rejected
     completions (``[B]`` each, from :func:`entropy_surrogate`) when ``entropy_coef > 0``."""
     loss = losses.mean()
