@@ -82,6 +82,8 @@ class CommonConfig:
     """Keep only the newest N step checkpoints (epoch checkpoints are always kept; 0 = keep all)."""
     resume: bool = False
     """Continue from the newest complete checkpoint in output_dir."""
+    resume_allow_data_change: bool = False
+    """With --resume: go on even if the training data changed since the run started (refused otherwise)."""
     report_to: tuple[str, ...] = ()
     """Extra trackers through Accelerate: tensorboard, wandb, mlflow."""
     progress: bool = True
@@ -289,7 +291,7 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
 
 
 # Keys whose change does not make a resumed run a different run.
-RESUME_NEUTRAL_KEYS = {"resume", "progress", "report_to", "logging_steps", "eval_steps", "save_steps",
+RESUME_NEUTRAL_KEYS = {"resume", "resume_allow_data_change", "progress", "report_to", "logging_steps", "eval_steps", "save_steps",
                        "save_total_limit", "epochs", "max_steps", "output_dir", "cache_dir"}
 
 
