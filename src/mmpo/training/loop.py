@@ -23,7 +23,7 @@ from mmpo.config import CommonConfig, ConfigError
 from mmpo.data.order import step_micro_batches, training_order
 from mmpo.training import checkpoint, run_lock
 from mmpo.training.interrupt import StopOnSignal, TrainingInterrupted, resume_command
-from mmpo.training.preflight import check_lora_targets
+from mmpo.training.preflight import check_lora_targets, check_optional_packages
 from mmpo.training.run_dir import (
     CONFIG_FILE,
     MODEL_DIR,
@@ -84,6 +84,7 @@ def make_accelerator(cfg: CommonConfig) -> Accelerator:
 
 def prepare_run_dir(cfg: CommonConfig, accelerator: Accelerator) -> RunDir:
     """Checks that need neither data nor weights, then the run folder: locked, checked, config written."""
+    check_optional_packages(cfg)
     check_lora_targets(cfg)
     run_dir = RunDir(cfg.output_dir)
     if accelerator.is_main_process:

@@ -5,9 +5,24 @@ They run before the data is loaded (which can take minutes), so a typo fails in 
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from mmpo.config import CommonConfig, ConfigError
+
+#: How to get an optional package that a feature needs: module -> (words its ImportError may use, hint).
+OPTIONAL_PACKAGES = {
+    "flash_attn": (("flash_attn", "flash-attn", "FlashAttention"),
+                   "pip install flash-attn (needs a CUDA GPU), or use --attn-implementation sdpa"),
+    "bitsandbytes": (("bitsandbytes",), "pip install 'mmpo[eightbit]', or use --optimizer adamw"),
+    "deepspeed": (("deepspeed", "DeepSpeed"), "pip install deepspeed, or launch without the DeepSpeed config"),
+    "wandb": (("wandb",), "pip install wandb, or drop it from --report-to"),
+    "tensorboard": (("tensorboard",), "pip install tensorboard, or drop it from --report-to"),
+    "mlflow": (("mlflow",), "pip install mlflow, or drop it from --report-to"),
+    "trl": (("trl",), "pip install 'mmpo[bench]'"),
+    "psutil": (("psutil",), "pip install 'mmpo[bench]'"),
+}
 
 #: Layer types PEFT's LoRA can wrap.
 LORA_LAYER_TYPES = ("Linear", "Embedding", "Conv1D", "Conv1d", "Conv2d", "Conv3d")
@@ -46,3 +61,14 @@ def check_lora_targets(cfg: CommonConfig) -> None:
             f"config key 'lora_target_modules': {', '.join(map(repr, missing))} matches no layer of {cfg.model}; "
             f"its layers LoRA can wrap are: {', '.join(layers)}"
         )
+
+
+def check_optional_packages(cfg: CommonConfig) -> None:
+    """Options that need a package that is not installed fail now, not after the data is loaded."""
+    needed = {"flash_attn": cfg.attn_implementation == "flash_attention_2",
+              "bitsandbytes": cfg.optimizer == "adamw_8bit",
+              **{tracker: tracker in cfg.report_to for tracker in ("wandb", "tensorboard", "mlflow")}}
+    for package, used in needed.items():
+        if used and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"the settings need the package '{package}', which is not installed: "
+                              f"{OPTIONAL_PACKAGES[package][1]}")

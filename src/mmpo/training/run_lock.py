@@ -43,6 +43,8 @@ def acquire(folder: str | Path, say=print) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
+    if path.is_symlink():  # never followed: a planted link would make us write elsewhere
+        path.unlink()
     fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
