@@ -80,10 +80,11 @@ def is_verified(folder: Path) -> bool:
 def verify(folder: Path, *, checksums: bool = True) -> str | None:
     """``None`` if the checkpoint is complete and intact, else the reason it is not."""
     problem = _check(folder, checksums)
-    if problem is None and checksums:
-        stat = _manifest_stat(folder)
-        if stat is not None:
-            _verified[os.path.realpath(folder)] = stat
+    key = os.path.realpath(folder)
+    if problem is not None:
+        _verified.pop(key, None)
+    elif checksums and (stat := _manifest_stat(folder)) is not None:
+        _verified[key] = stat
     return problem
 
 

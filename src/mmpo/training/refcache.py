@@ -91,9 +91,12 @@ def _problem(state: object, ids: list[str]) -> str | None:
     if not isinstance(stored, list) or not all(isinstance(i, str) for i in stored):
         return "its ids are not a list of strings"
     for name, values in (("chosen", chosen), ("rejected", rejected)):
-        if not isinstance(values, torch.Tensor) or values.dtype != torch.float64 or values.shape != (len(stored),):
-            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
-            return f"{name} values have shape {shape}, expected ({len(stored)},) float64"
+        if not isinstance(values, torch.Tensor):
+            return f"{name} values are a {type(values).__name__}, not a tensor"
+        if values.shape != (len(stored),):
+            return f"{name} values have shape {tuple(values.shape)}, expected ({len(stored)},)"
+        if values.dtype != torch.float64:
+            return f"{name} values are {values.dtype}, expected torch.float64"
     if state["checksum"] != checksum(stored, chosen, rejected):
         return "checksum mismatch"
     if len(set(stored)) != len(stored) or set(stored) != set(ids):
