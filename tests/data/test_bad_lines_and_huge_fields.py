@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -118,34 +117,17 @@ def test_data_folders_read_their_split_files_with_line_numbers(tmp_path, tokeniz
 # Huge fields
 
 
-HUGE_FIELD_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, time
-    from mmpo.config import bundled_path
-    from mmpo.data import prepare_preference_examples
-    from mmpo.modeling import load_tokenizer
-
-    tokenizer = load_tokenizer(str(bundled_path("sft_model")))
-    size = int(sys.argv[1])
-    text = ("banop zorbat mipo " * (size // 18 + 1))[:size]
-    row = {"id": "r", "prompt": text, "chosen": text + " yes", "rejected": "no"}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.perf_counter()
-    examples, report = prepare_preference_examples([row], tokenizer, max_prompt_length=64, max_completion_length=32)
-    print(json.dumps({"seconds": time.perf_counter() - started, "truncated": report.truncated,
-                      "prompt": len(examples[0]["prompt_ids"]), "chosen": len(examples[0]["chosen_ids"]),
-                      "extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
-""")
+HUGE_FIELD = Path(__file__).with_name("huge_field.py")
 
 
 def test_a_50_mb_field_costs_memory_in_proportion_to_the_limit_not_the_input(tmp_path):
     """Before the cap, tokenizing such a field whole took ~10 GB and 82 s."""
-    script = tmp_path / "huge.py"
-    script.write_text(HUGE_FIELD_SCRIPT)
     env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, str(script), str(50_000_000)], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, str(HUGE_FIELD), str(50_000_000)], capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"50 MB field: {result['seconds']:.2f} s, peak memory +{result['extra_mb']:.0f} MB")  # pytest -s shows it
     assert result["truncated"] == {"prompt": 1, "chosen": 1}
     assert (result["prompt"], result["chosen"]) == (64, 32)
     # The row itself holds ~200 MB of text (prompt, chosen, their UTF-8 checks); tokenizing it whole ~10 GB.

@@ -170,6 +170,7 @@ def test_run_files_are_never_written_through_symlinks(tmp_path, tiny_model_dir):
     train(make_config(dict(values, resume=True, max_steps=3)))
     assert all((outside / name).read_text() == "precious" for name in names)
     assert (outside / "folder" / "keep.txt").read_text() == "precious"
+    assert not (run / "checkpoints" / ".tmp-step-0000002").exists()
     for name in ["config.yaml", "metrics.jsonl", "data_report.json", "summary.json", ".lock"]:
         assert not (run / name).is_symlink() and (run / name).is_file(), name
     assert not cache.is_symlink() and refcache.load(cache, torch.load(cache, weights_only=True)["ids"]) is not None

@@ -240,6 +240,10 @@ def recover(run_dir: str | Path, log=print) -> None:
     if not root.is_dir():
         return
     for path in sorted(root.iterdir()):
+        if path.is_symlink() and path.name.startswith("."):  # planted: unlinked, never followed
+            path.unlink()
+            log(f"removed the symlink {path} (run files are never written through links)")
+            continue
         if not path.is_dir() or not path.name.startswith("."):
             continue
         name = path.name.split("-", 1)[1] if "-" in path.name else ""

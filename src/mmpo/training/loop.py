@@ -343,6 +343,7 @@ def _stop_on_signal(cfg, accelerator: Accelerator, signum: int, step: int, saved
     message = (f"stopped by {name} after step {step}; checkpoint written: {saved or cfg.output_dir}\n"
                f"resume with: {resume_command(cfg, cfg.output_dir, accelerator.num_processes)}")
     accelerator.print(message)
+    accelerator.end_training()  # trackers are closed as at a normal end
     raise TrainingInterrupted(message, signum, saved)
 
 
