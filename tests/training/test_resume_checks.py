@@ -73,6 +73,7 @@ def test_resume_refuses_changed_training_data_naming_what_changed(tmp_path, tiny
     with pytest.raises(ConfigError) as error:
         train(make_config(dict(values, resume=True)))
     message = str(error.value)
+    print(message)  # docs/reliability.md quotes it (pytest -s)
     assert "the training data changed since" in message
     assert "32 training examples then, 16 now (steps per epoch 4 -> 2)" in message
     assert f"dataset {str(data)!r} is " in message and "--resume-allow-data-change" in message
