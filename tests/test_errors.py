@@ -47,9 +47,16 @@ def config(tmp_path, tiny_model_dir):
         data = tmp_path / "train.jsonl"
         if not data.exists():
             write_prefs(data, 16)
-        values = dict(model=str(tiny_model_dir), dataset=(str(data),), eval_dataset=(), max_steps=1,
-                      output_dir=str(tmp_path / "run"), per_device_batch_size=4, progress=False,
-                      cache_dir=str(tmp_path / "cache"))
+        values = dict(
+            model=str(tiny_model_dir),
+            dataset=(str(data),),
+            eval_dataset=(),
+            max_steps=1,
+            output_dir=str(tmp_path / "run"),
+            per_device_batch_size=4,
+            progress=False,
+            cache_dir=str(tmp_path / "cache"),
+        )
         return TrainConfig(**{**values, **overrides})
 
     return make
@@ -63,8 +70,9 @@ def test_broken_and_utf16_yaml(tmp_path):
     broken = tmp_path / "run.yaml"
     broken.write_text("objective: dpo\nbeta: [0.1\nepochs: 2\n")
     code, shown = handled(from_yaml(broken), ["--config", str(broken)])
-    assert_one_clear_error(code, shown, f"{broken} is not valid YAML at line 3, column 7",
-                           hint="write one 'key: value' per line")
+    assert_one_clear_error(
+        code, shown, f"{broken} is not valid YAML at line 3, column 7", hint="write one 'key: value' per line"
+    )
     utf16 = tmp_path / "utf16.yaml"
     utf16.write_text("objective: dpo\n", encoding="utf-16")
     code, shown = handled(from_yaml(utf16), ["--config", str(utf16)])
@@ -79,15 +87,21 @@ def test_dataset_errors_offer_skipping_only_for_rows(tmp_path, config):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
     code, shown = handled(lambda argv: train(config(dataset=(str(bad),))))
-    assert_one_clear_error(code, shown, "line 1 is not valid UTF-8 (byte 0xe9 at column 16)",
-                           hint="pass --on-bad-rows skip")
+    assert_one_clear_error(
+        code, shown, "line 1 is not valid UTF-8 (byte 0xe9 at column 16)", hint="pass --on-bad-rows skip"
+    )
 
 
 def test_missing_optional_package(config):
     assert __import__("importlib").util.find_spec("flash_attn") is None, "this test needs flash-attn absent"
     code, shown = handled(lambda argv: train(config(attn_implementation="flash_attention_2")))
-    assert_one_clear_error(code, shown, "the settings need the package 'flash_attn', which is not installed",
-                           "--attn-implementation sdpa", hint=None)
+    assert_one_clear_error(
+        code,
+        shown,
+        "the settings need the package 'flash_attn', which is not installed",
+        "--attn-implementation sdpa",
+        hint=None,
+    )
 
     from mmpo.modeling import load_model  # the library's own ImportError, were it to get that far
 
@@ -107,8 +121,9 @@ def test_judge_without_key_or_endpoint(monkeypatch):
 
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     code, shown = handled(lambda argv: parse_judge("openai:gpt-4o-mini").check_ready())
-    assert_one_clear_error(code, shown, "needs an API key in the environment variable OPENAI_API_KEY",
-                           hint="export the variable")
+    assert_one_clear_error(
+        code, shown, "needs an API key in the environment variable OPENAI_API_KEY", hint="export the variable"
+    )
 
     with socket.socket() as probe:  # a loopback port nothing listens on
         probe.bind(("127.0.0.1", 0))
@@ -116,8 +131,12 @@ def test_judge_without_key_or_endpoint(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-key")
     monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{port}/v1")
     code, shown = handled(lambda argv: parse_judge("openai:gpt-4o-mini").judge("Say hi.", "hi", "hello"))
-    assert_one_clear_error(code, shown, f"cannot reach the judge endpoint http://127.0.0.1:{port}",
-                           hint="check the network and the endpoint")
+    assert_one_clear_error(
+        code,
+        shown,
+        f"cannot reach the judge endpoint http://127.0.0.1:{port}",
+        hint="check the network and the endpoint",
+    )
     assert "sk-test" not in shown
 
 
@@ -135,8 +154,10 @@ def test_disk_full_deep_inside_another_library():
 def test_a_bug_is_one_line_and_the_traceback_needs_debug(capsys, config):
     code, shown = handled(lambda argv: 1 / 0)
     assert code == 1 and "Traceback" not in shown + capsys.readouterr().err
-    assert shown.splitlines() == ["internal error: ZeroDivisionError: division by zero",
-                                  "hint: rerun with --debug for the traceback, and please report it"]
+    assert shown.splitlines() == [
+        "internal error: ZeroDivisionError: division by zero",
+        "hint: rerun with --debug for the traceback, and please report it",
+    ]
     code, shown = handled(lambda argv: 1 / 0, ["--debug"])
     assert code == 1 and "Traceback" in capsys.readouterr().err and "hint" not in shown
     code, shown = handled(lambda argv: train(config(beta=-1.0)), ["--debug"])
@@ -158,8 +179,9 @@ SLEEPER = textwrap.dedent("""
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signals_outside_training_exit_130_and_143(signum, code):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", SLEEPER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLEEPER], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stdout.readline().strip() == "ready"
     time.sleep(0.1)
     proc.send_signal(signum)

@@ -70,14 +70,17 @@ def _os_failure(error: OSError) -> Failure | None:
     if error.errno in DISK_FULL_ERRNOS:
         system = error.strerror in (None, os.strerror(error.errno))  # else our own words (mmpo.training.checkpoint)
         text = f"no space left on the device{where}" if system else f"{error.strerror}{where}"
-        return Failure(text, "free some space, or choose an --output-dir on a disk with room "
-                             "(partial files were removed)")
+        return Failure(
+            text, "free some space, or choose an --output-dir on a disk with room (partial files were removed)"
+        )
     if error.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
         return Failure(f"{error.strerror or error}{where}", "check the path")
     if error.errno in PERMISSION_ERRNOS:
         what = "read-only file system" if error.errno == errno.EROFS else "permission denied"
-        return Failure(f"{what}{where}",
-                       "choose an --output-dir (or cache folder) you can write to, or fix the folder's permissions")
+        return Failure(
+            f"{what}{where}",
+            "choose an --output-dir (or cache folder) you can write to, or fix the folder's permissions",
+        )
     return None
 
 
@@ -86,11 +89,16 @@ def _judge_failure(error: BaseException) -> Failure | None:
     if judges is None or not isinstance(error, judges.JudgeError):
         return None
     if isinstance(error, judges.MissingAPIKeyError):
-        return Failure(_first_line(error), "export the variable in this shell (keys are read from the environment "
-                                            "only), or use --judge programmatic")
+        return Failure(
+            _first_line(error),
+            "export the variable in this shell (keys are read from the environment only), or use --judge programmatic",
+        )
     if isinstance(error, judges.EndpointUnreachableError):
-        return Failure(_first_line(error), "check the network and the endpoint (OPENAI_BASE_URL for OpenAI-compatible "
-                                           "servers); the judge cache keeps answers already received")
+        return Failure(
+            _first_line(error),
+            "check the network and the endpoint (OPENAI_BASE_URL for OpenAI-compatible "
+            "servers); the judge cache keeps answers already received",
+        )
     return Failure(_first_line(error), "check the judge's model name and API key; answers received so far are cached")
 
 
@@ -111,8 +119,10 @@ def _yaml_failure(error: BaseException, argv: Sequence[str]) -> Failure:
     mark = getattr(error, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     problem = getattr(error, "problem", None) or _first_line(error)
-    return Failure(f"{source} is not valid YAML{where}: {problem}",
-                   "write one 'key: value' per line (mmpo train --help lists the keys)")
+    return Failure(
+        f"{source} is not valid YAML{where}: {problem}",
+        "write one 'key: value' per line (mmpo train --help lists the keys)",
+    )
 
 
 def _decode_failure(error: UnicodeDecodeError, argv: Sequence[str]) -> Failure:
@@ -198,12 +208,20 @@ def run_command(command: Callable[[list[str]], int], argv: Sequence[str], consol
     except KeyboardInterrupt as stop:
         if hasattr(stop, "exit_code"):  # TrainingInterrupted: the loop said where its checkpoint is and how to resume
             return stop.exit_code
-        _say(console, "interrupted", " (Ctrl-C): checkpoints written before are kept (continue with --resume)",
-             "bold yellow")
+        _say(
+            console,
+            "interrupted",
+            " (Ctrl-C): checkpoints written before are kept (continue with --resume)",
+            "bold yellow",
+        )
         return 128 + signal.SIGINT
     except Terminated:
-        _say(console, "terminated", " (SIGTERM): checkpoints written before are kept (continue with --resume)",
-             "bold yellow")
+        _say(
+            console,
+            "terminated",
+            " (SIGTERM): checkpoints written before are kept (continue with --resume)",
+            "bold yellow",
+        )
         return 128 + signal.SIGTERM
     except SystemExit:
         raise  # argparse/tyro usage errors and --help

@@ -21,6 +21,14 @@ row = {"id": "r", "prompt": text, "chosen": text + " yes", "rejected": "no"}
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 started = time.perf_counter()
 examples, report = prepare_preference_examples([row], tokenizer, max_prompt_length=64, max_completion_length=32)
-print(json.dumps({"seconds": time.perf_counter() - started, "truncated": report.truncated,
-                  "prompt": len(examples[0]["prompt_ids"]), "chosen": len(examples[0]["chosen_ids"]),
-                  "extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}))
+print(
+    json.dumps(
+        {
+            "seconds": time.perf_counter() - started,
+            "truncated": report.truncated,
+            "prompt": len(examples[0]["prompt_ids"]),
+            "chosen": len(examples[0]["chosen_ids"]),
+            "extra_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024,
+        }
+    )
+)

@@ -123,8 +123,9 @@ HUGE_FIELD = Path(__file__).with_name("huge_field.py")
 def test_a_50_mb_field_costs_memory_in_proportion_to_the_limit_not_the_input(tmp_path):
     """Before the cap, tokenizing such a field whole took ~10 GB and 82 s."""
     env = {"PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, str(HUGE_FIELD), str(50_000_000)], capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = subprocess.run(
+        [sys.executable, str(HUGE_FIELD), str(50_000_000)], capture_output=True, text=True, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"50 MB field: {result['seconds']:.2f} s, peak memory +{result['extra_mb']:.0f} MB")  # pytest -s shows it
@@ -145,21 +146,37 @@ def natural_text(words: int, seed: int) -> str:
 
 @pytest.mark.parametrize("limits", [(16, 8), (200, 120)])
 def test_capping_gives_the_same_tokens_as_tokenizing_whole_fields(tokenizer, monkeypatch, limits):
-    rows = [{"id": f"r{i}", "prompt": natural_text(30_000, i), "chosen": natural_text(30_000, 100 + i),
-             "rejected": natural_text(20_000, 200 + i)} for i in range(3)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "prompt": natural_text(30_000, i),
+            "chosen": natural_text(30_000, 100 + i),
+            "rejected": natural_text(20_000, 200 + i),
+        }
+        for i in range(3)
+    ]
     max_prompt, max_completion = limits
-    capped, capped_report = prepare_preference_examples(rows, tokenizer, max_prompt_length=max_prompt,
-                                                        max_completion_length=max_completion)
+    capped, capped_report = prepare_preference_examples(
+        rows, tokenizer, max_prompt_length=max_prompt, max_completion_length=max_completion
+    )
     longest = cap_module.longest_token_chars(tokenizer)
     assert cap_module.char_limit(longest, max_prompt) < len(rows[0]["prompt"])  # the cap does cut these fields
     monkeypatch.setattr(cap_module, "char_limit", lambda longest, limit: 1 << 62)
-    whole, whole_report = prepare_preference_examples(rows, tokenizer, max_prompt_length=max_prompt,
-                                                      max_completion_length=max_completion)
+    whole, whole_report = prepare_preference_examples(
+        rows, tokenizer, max_prompt_length=max_prompt, max_completion_length=max_completion
+    )
     assert capped == whole
     assert capped_report.truncated == whole_report.truncated == {"prompt": 3, "chosen": 3, "rejected": 3}
 
-    chats = [{"messages": [{"role": "user", "content": "Repeat after me."},
-                           {"role": "assistant", "content": natural_text(20_000, 50 + i)}]} for i in range(2)]
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": "Repeat after me."},
+                {"role": "assistant", "content": natural_text(20_000, 50 + i)},
+            ]
+        }
+        for i in range(2)
+    ]
     uncapped_sft = prepare_sft_examples(chats, tokenizer, max_length=max_prompt)
     monkeypatch.undo()
     capped_sft = prepare_sft_examples(chats, tokenizer, max_length=max_prompt)

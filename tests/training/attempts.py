@@ -29,10 +29,19 @@ def run_config(tmp_path: Path, model_dir: Path, **overrides) -> dict:
     if not train_file.exists():
         write_prefs(train_file, 32)
         write_prefs(eval_file, 8, seed=1)
-    values = dict(model=str(model_dir), dataset=[str(train_file)], eval_dataset=[str(eval_file)],
-                  output_dir=str(tmp_path / "run"), per_device_batch_size=4, gradient_accumulation_steps=2,
-                  epochs=1, learning_rate=1e-3, progress=False, cache_dir=str(tmp_path / "cache"),
-                  logging_steps=1)
+    values = dict(
+        model=str(model_dir),
+        dataset=[str(train_file)],
+        eval_dataset=[str(eval_file)],
+        output_dir=str(tmp_path / "run"),
+        per_device_batch_size=4,
+        gradient_accumulation_steps=2,
+        epochs=1,
+        learning_rate=1e-3,
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+        logging_steps=1,
+    )
     values.update(overrides)
     return values
 

@@ -24,12 +24,14 @@ def logged_step(run: Path, step: int):
 
 
 def test_sigterm_then_sigint_write_a_checkpoint_print_the_resume_command_and_exit_143_then_130(
-        tmp_path, tiny_model_dir):
+    tmp_path, tiny_model_dir
+):
     # 2 epochs x 4 steps, checkpoints only at the epoch ends, a metrics line every 3 steps.
     values = run_config(tmp_path, tiny_model_dir, epochs=2, logging_steps=3, eval_dataset=[])
     reference = tmp_path / "reference"
-    Attempt(write_job(tmp_path / "reference.json", dict(values, output_dir=str(reference))),
-            tmp_path / "reference.log").finish()
+    Attempt(
+        write_job(tmp_path / "reference.json", dict(values, output_dir=str(reference))), tmp_path / "reference.log"
+    ).finish()
     run = Path(values["output_dir"])
     resume_command = f"resume with: mmpo train --config {run / 'config.yaml'} --resume"
 
@@ -52,8 +54,9 @@ def test_sigterm_then_sigint_write_a_checkpoint_print_the_resume_command_and_exi
     # The printed command, run as printed (through the real CLI), finishes the run.
     command = resume_command.removeprefix("resume with: mmpo ").split()
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "mmpo.cli", *command], capture_output=True, text=True, env=env,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "mmpo.cli", *command], capture_output=True, text=True, env=env, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("epoch-1", "epoch-2"):
         assert_bitwise_equal(weights(reference, name), weights(run, name))
@@ -71,7 +74,8 @@ def lock_holder(run: Path) -> int | None:
 
 
 def test_a_second_run_into_a_held_folder_fails_fast_naming_the_holder_and_a_dead_holder_is_taken_over(
-        tmp_path, tiny_model_dir):
+    tmp_path, tiny_model_dir
+):
     values = run_config(tmp_path, tiny_model_dir, epochs=2, eval_dataset=[])
     run = Path(values["output_dir"])
     job = write_job(tmp_path / "job.json", values)
@@ -110,8 +114,9 @@ def namespace_prefix(probe_dir: Path) -> list[str]:
         if shutil.which(prefix[0]) is None:
             tried.append(f"{prefix[0]} not installed")
             continue
-        probe = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size=64k none {probe_dir}"],
-                               capture_output=True, text=True)
+        probe = subprocess.run(
+            [*prefix, "sh", "-c", f"mount -t tmpfs -o size=64k none {probe_dir}"], capture_output=True, text=True
+        )
         if probe.returncode == 0:
             return prefix
         tried.append(f"{' '.join(prefix)}: {probe.stderr.strip()[:100]}")
@@ -126,9 +131,11 @@ def run_on_small_filesystem(tmp_path: Path, values: dict, mount: str) -> tuple[i
     small.mkdir()
     job = write_job(tmp_path / "job.json", dict(values, output_dir=str(small / "run")))
     after = tmp_path / "after.txt"
-    script = (f"mount -t tmpfs -o {mount} none {small} || exit 99\n"
-              f"{sys.executable} {WORKER} {job}\ncode=$?\n"
-              f"(ls -A {small}/run {small}/run/checkpoints; df -k {small}) > {after} 2>&1\nexit $code\n")
+    script = (
+        f"mount -t tmpfs -o {mount} none {small} || exit 99\n"
+        f"{sys.executable} {WORKER} {job}\ncode=$?\n"
+        f"(ls -A {small}/run {small}/run/checkpoints; df -k {small}) > {after} 2>&1\nexit $code\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
     done = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, env=env, timeout=600)
     return done.returncode, done.stdout + done.stderr, after.read_text() if after.exists() else ""

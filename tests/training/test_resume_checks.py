@@ -35,8 +35,9 @@ def test_resume_between_two_metrics_lines_writes_the_same_lines(tmp_path, tiny_m
     got, want = train_records(b), train_records(a)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [3, 4, 6, 8]
     for x, y in zip(got, want):
-        assert {k: v for k, v in x.items() if k != "tokens_per_second"} == \
-            {k: v for k, v in y.items() if k != "tokens_per_second"}
+        assert {k: v for k, v in x.items() if k != "tokens_per_second"} == {
+            k: v for k, v in y.items() if k != "tokens_per_second"
+        }
 
 
 def test_pruning_ranks_only_verified_checkpoints(tmp_path, tiny_model_dir):
@@ -61,8 +62,7 @@ def test_pruning_ranks_only_verified_checkpoints(tmp_path, tiny_model_dir):
     flip_a_byte(root / "checkpoints" / "step-0000004" / "weights.bin")
     checkpoint._verified.clear()  # as in a new process: nothing known yet
     checkpoint.prune_step_checkpoints(root, 2)
-    assert sorted(p.name for p in checkpoint.list_checkpoints(root)) == ["step-0000002", "step-0000003",
-                                                                         "step-0000004"]
+    assert sorted(p.name for p in checkpoint.list_checkpoints(root)) == ["step-0000002", "step-0000003", "step-0000004"]
 
 
 def test_resume_refuses_changed_training_data_naming_what_changed(tmp_path, tiny_model_dir):
@@ -126,8 +126,9 @@ def test_a_damaged_reference_cache_entry_is_recomputed_with_a_message(tmp_path, 
     train(make_config(values))
     out = capsys.readouterr().out
     assert f"reference cache entry {entry} is damaged (checksum mismatch); recomputing it" in out
-    assert_bitwise_equal(weights(tmp_path / "clean", "step-0000002"), weights(Path(values["output_dir"]),
-                                                                              "step-0000002"))
+    assert_bitwise_equal(
+        weights(tmp_path / "clean", "step-0000002"), weights(Path(values["output_dir"]), "step-0000002")
+    )
     assert torch.equal(torch.load(entry, weights_only=True)["chosen"], state["chosen"])  # rewritten whole
 
     for wrong, reason in [
@@ -183,8 +184,16 @@ def test_sft_writes_its_data_report_with_skipped_lines(tmp_path, tiny_model_dir)
     chat = write_chat(tmp_path / "chat.jsonl", 16)
     with open(chat, "ab") as handle:
         handle.write(b'{"messages": [\n\xff\n')
-    cfg = SFTConfig(model=str(tiny_model_dir), dataset=(str(chat),), eval_dataset=(str(chat),), max_steps=1,
-                    output_dir=str(tmp_path / "run"), per_device_batch_size=4, progress=False, on_bad_rows="skip")
+    cfg = SFTConfig(
+        model=str(tiny_model_dir),
+        dataset=(str(chat),),
+        eval_dataset=(str(chat),),
+        max_steps=1,
+        output_dir=str(tmp_path / "run"),
+        per_device_batch_size=4,
+        progress=False,
+        on_bad_rows="skip",
+    )
     sft(cfg)
     report = json.loads((tmp_path / "run" / run_dir.DATA_REPORT_FILE).read_text())
     assert report["train"]["kept"] == 16 and report["train"]["dropped"] == {"invalid_line": 2}

@@ -21,8 +21,17 @@ from mmpo.world import ASSETS
 from mmpo.world.build import _exchange, build_world, main, switch_into_place
 from mmpo.world.tasks import WorldSizes
 
-SMALL = dict(train_words=200, heldout_words=250, facts=20, sft_train=400, sft_val=50, prefs_train=300,
-             prefs_test=60, prompts_eval=50, mc_copy=40)
+SMALL = dict(
+    train_words=200,
+    heldout_words=250,
+    facts=20,
+    sft_train=400,
+    sft_val=50,
+    prefs_train=300,
+    prefs_test=60,
+    prompts_eval=50,
+    mc_copy=40,
+)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -41,8 +50,12 @@ def test_the_packaged_world_is_rebuilt_only_when_asked(tmp_path):
 
 
 def old_world(folder: Path) -> dict[str, bytes]:
-    for name, text in {"world.json": '{"old": true}', "sft_model/config.json": "{}", "data/sft_train.jsonl": "{}\n",
-                       "tokenizer/tokenizer.json": "{}"}.items():
+    for name, text in {
+        "world.json": '{"old": true}',
+        "sft_model/config.json": "{}",
+        "data/sft_train.jsonl": "{}\n",
+        "tokenizer/tokenizer.json": "{}",
+    }.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text(text)
     return snapshot(folder)
@@ -60,8 +73,9 @@ def test_a_killed_build_leaves_the_old_world_whole_and_a_finished_one_replaces_i
     out = tmp_path / "world"
     old = old_world(out)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    build = subprocess.Popen([sys.executable, "-c", BUILD, str(out)], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+    build = subprocess.Popen(
+        [sys.executable, "-c", BUILD, str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     # Kill it once the new data and tokenizer exist but the model does not (the mix the issue saw).
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob(".world.building-*/tokenizer/tokenizer.json")):

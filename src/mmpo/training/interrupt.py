@@ -60,8 +60,11 @@ class StopOnSignal:
                 raise KeyboardInterrupt
             raise SystemExit(128 + signum)
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name} received: finishing the current step and writing a checkpoint "
-              "(send it again to stop at once)", flush=True)
+        print(
+            f"\n{signal.Signals(signum).name} received: finishing the current step and writing a checkpoint "
+            "(send it again to stop at once)",
+            flush=True,
+        )
 
     def requested(self, accelerator) -> int | None:
         """The signal to stop on, agreed by every process (any one that got one stops them all)."""

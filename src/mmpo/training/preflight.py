@@ -13,8 +13,10 @@ from mmpo.config import CommonConfig, ConfigError
 
 #: How to get an optional package that a feature needs: module -> (words its ImportError may use, hint).
 OPTIONAL_PACKAGES = {
-    "flash_attn": (("flash_attn", "flash-attn", "FlashAttention"),
-                   "pip install flash-attn (needs a CUDA GPU), or use --attn-implementation sdpa"),
+    "flash_attn": (
+        ("flash_attn", "flash-attn", "FlashAttention"),
+        "pip install flash-attn (needs a CUDA GPU), or use --attn-implementation sdpa",
+    ),
     "bitsandbytes": (("bitsandbytes",), "pip install 'mmpo[eightbit]', or use --optimizer adamw"),
     "deepspeed": (("deepspeed", "DeepSpeed"), "pip install deepspeed, or launch without the DeepSpeed config"),
     "wandb": (("wandb",), "pip install wandb, or drop it from --report-to"),
@@ -65,10 +67,13 @@ def check_lora_targets(cfg: CommonConfig) -> None:
 
 def check_optional_packages(cfg: CommonConfig) -> None:
     """Options that need a package that is not installed fail now, not after the data is loaded."""
-    needed = {"flash_attn": cfg.attn_implementation == "flash_attention_2",
-              "bitsandbytes": cfg.optimizer == "adamw_8bit",
-              **{tracker: tracker in cfg.report_to for tracker in ("wandb", "tensorboard", "mlflow")}}
+    needed = {
+        "flash_attn": cfg.attn_implementation == "flash_attention_2",
+        "bitsandbytes": cfg.optimizer == "adamw_8bit",
+        **{tracker: tracker in cfg.report_to for tracker in ("wandb", "tensorboard", "mlflow")},
+    }
     for package, used in needed.items():
         if used and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"the settings need the package '{package}', which is not installed: "
-                              f"{OPTIONAL_PACKAGES[package][1]}")
+            raise ConfigError(
+                f"the settings need the package '{package}', which is not installed: {OPTIONAL_PACKAGES[package][1]}"
+            )

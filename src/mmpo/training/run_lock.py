@@ -60,8 +60,12 @@ def acquire(folder: str | Path, say=print) -> None:
     previous = _read_holder(fd)
     if previous.get("pid") and not _alive(previous):
         say(f"taking over {path} from process {previous['pid']}, which is no longer running")
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-          "command": " ".join(sys.argv)[:500]}
+    me = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.argv)[:500],
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(me).encode(), 0)
     _held[key] = fd
