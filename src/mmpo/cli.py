@@ -29,7 +29,9 @@ from mmpo.help_sections import from_sections, sectioned_class, to_sections
 @dataclass
 class WorldBuildArgs:
     out: str | None = None
-    """Output folder (default: the package's assets/world)."""
+    """Output folder for the new world (required unless --replace-packaged)."""
+    replace_packaged: bool = False
+    """Rebuild the world shipped inside the package (switched into place atomically at the end)."""
     seed: int = 0
     """Seed of everything the world is built from."""
     sft_epochs: int | None = None
@@ -341,7 +343,8 @@ def usage() -> str:
     return (
         f"usage: mmpo COMMAND [options]   (mmpo COMMAND --help for its options)\n\n"
         f"Every command takes --config FILE.yaml; flags override the file.\n\ncommands:\n{lines}\n\n"
-        f"  --version      print the version ({__version__})"
+        f"  --version      print the version ({__version__})\n"
+        f"  --debug        (after a command) show the full traceback of an error"
     )
 
 
@@ -357,19 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     if found is None:
         print(f"mmpo: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from mmpo.config import ConfigError
-    from mmpo.data import DataError
-    from mmpo.publish.export import ExportError
+    from mmpo.errors import run_command
 
     command, rest = found
-    try:
-        return command.run(command.parse(rest))
-    except (ConfigError, DataError, ExportError) as err:
-        from rich.text import Text
-
-        hint = " (pass --on-bad-rows skip to skip and count such rows)" if isinstance(err, DataError) else ""
-        commands.say(Text.assemble(("error:", "bold red"), f" {err}{hint}"))
-        return 2
+    return run_command(lambda args: command.run(command.parse(args)), rest, console=commands.console())
 
 
 if __name__ == "__main__":

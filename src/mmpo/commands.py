@@ -23,6 +23,11 @@ def _console():
     return Console(stderr=True, markup=False, emoji=False, highlight=False)
 
 
+def console():
+    """The console errors and results are printed on (markup and emoji codes off)."""
+    return _console()
+
+
 def say(*objects: Any) -> None:
     _console().print(*objects)
 
@@ -119,13 +124,13 @@ def run_eval(args: Any) -> int:
 def run_world_build(args: WorldBuildArgs) -> int:
     import json
 
-    from mmpo.world.build import DEFAULT_OUT, build_world, generate_world_data
+    from mmpo.world.build import build_world, generate_world_data, output_folder
 
-    out = args.out or DEFAULT_OUT
     if args.data_only:
-        info = generate_world_data(out, args.seed)
+        info = generate_world_data(output_folder(args.out, args.replace_packaged), args.seed)
     else:
-        info = build_world(out, args.seed, **({"sft_epochs": args.sft_epochs} if args.sft_epochs is not None else {}))
+        extra = {"sft_epochs": args.sft_epochs} if args.sft_epochs is not None else {}
+        info = build_world(args.out, args.seed, replace_packaged=args.replace_packaged, **extra)
     print(json.dumps(info, indent=2))
     return 0
 

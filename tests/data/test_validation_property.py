@@ -193,8 +193,8 @@ LINE = json.dumps(GOOD).encode() + b"\n"
 BAD_FILES = [
     ("bad.jsonl", LINE + b'{"prompt": "Hi", "chosen": "a"\n', "line 2 is not valid JSON"),
     ("latin1.jsonl", LINE + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
-     "'utf-8' codec can't decode byte 0xe9"),
-    ("bom.jsonl", b"\xef\xbb\xbf" + LINE, "line 1 is not valid JSON (Unexpected UTF-8 BOM"),
+     "line 2 is not valid UTF-8 (byte 0xe9 at column 16)"),
+    ("latin1.json", b"[" + LINE + b', {"prompt": "caf\xe9"}]', "line 2 is not valid UTF-8 (byte 0xe9 at column 18)"),
     ("rows.txt", LINE, "unsupported file type '.txt'"),
     ("broken.parquet", b"PAR1 not really", "cannot read .parquet file"),
     ("scalar.json", b'"hello"', "expected a JSON array of rows, got str"),

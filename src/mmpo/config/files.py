@@ -100,6 +100,7 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
 # Keys whose change does not make a resumed run a different run.
 RESUME_NEUTRAL_KEYS = {
     "resume",
+    "resume_allow_data_change",
     "dry_run",
     "progress",
     "report_to",

@@ -97,6 +97,8 @@ class CommonConfig:
     """Continue from the newest complete checkpoint in output_dir."""
     dry_run: bool = False
     """Print every resolved setting with its source, the data sizes, steps and a memory estimate; run nothing."""
+    resume_allow_data_change: bool = False
+    """With --resume: go on even if the training data changed since the run started (refused otherwise)."""
     report_to: tuple[str, ...] = ()
     """Experiment trackers through Accelerate: tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab, all or none."""
     run_name: str | None = None

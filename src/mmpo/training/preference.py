@@ -23,6 +23,7 @@ from mmpo.objectives import ObjectiveOutput, dpo_loss, minmax_range, mmpo_loss, 
 from mmpo.training import refcache
 from mmpo.training.loop import (
     Recipe,
+    check_resume_data,
     RunResult,
     final_model_dir,
     init_trackers,
@@ -312,6 +313,7 @@ def train(cfg: TrainConfig) -> RunResult:
     )
     train_examples, train_report = load_preference_examples(cfg.dataset, tokenizer, **data_settings)
     require_examples("training", train_report)
+    check_resume_data(cfg, accelerator, train_examples)  # a changed dataset stops a resume here, in seconds
     say(f"train data: {train_report.summary()}")
     eval_examples, eval_report = [], None
     if cfg.eval_dataset:
@@ -330,7 +332,7 @@ def train(cfg: TrainConfig) -> RunResult:
         reports = {"train": train_report.to_dict(), "eval": eval_report.to_dict() if eval_report else None}
         run_dir.write_json(run_dir.data_report, reports)
     init_trackers(accelerator, cfg, "mmpo")
-    result = run(cfg, accelerator, model, tokenizer, Recipe(cfg.objective, train_examples, step, evaluate))
+    result = run(cfg, accelerator, model, tokenizer, Recipe(cfg.objective, train_examples, step, evaluate, data_checked=True))
     publish_final_model(cfg, accelerator, result, summarize(cfg, result))
     result.summary = summarize(cfg, result)
     if accelerator.is_main_process:

@@ -2,12 +2,21 @@
 
 ``generate_world_data`` writes the data only (seconds). ``build_world`` also trains the
 tokenizer and the model and writes ``world.json``; the shipped assets under
-``src/mmpo/assets/world/`` come from ``mmpo world build`` (a few minutes on 2 cores).
+``src/mmpo/assets/world/`` come from ``mmpo world build --replace-packaged`` (a few
+minutes on 2 cores).
+
+A build never leaves a mix of old and new files (new data and tokenizer beside the old model):
+it is written into a fresh sibling folder and switched into place in one step at the end
+(``switch_into_place``). The packaged world is only ever rebuilt when asked explicitly.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -15,12 +24,13 @@ from pathlib import Path
 
 import torch
 
+from mmpo.config import ConfigError
 from mmpo.world import ASSETS
 from mmpo.world.model import build_tiny_llama
 from mmpo.world.tasks import REJECTED_STYLE_WEIGHTS, SFT_STYLE_WEIGHTS, WORD_TASKS, WorldSizes, generate_rows, grade
 from mmpo.world.tokenizer import train_tokenizer
 
-DEFAULT_OUT = ASSETS
+DEFAULT_OUT = ASSETS  # the packaged world: rebuilt only with replace_packaged=True
 TOKENIZER_VOCAB = 600
 SFT_EPOCHS = 8  # 8 x 187 = 1496 steps of 32 conversations: ~3 min on 2 free cores
 # Two layers learn to copy sooner (in SFT steps) than four, at half the cost per step.
@@ -31,10 +41,13 @@ MODEL_SHAPE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediat
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """Written to a temporary file and renamed: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -153,14 +166,107 @@ def measure(model, tokenizer, out_dir: Path) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- where it goes
+
+
+def output_folder(out_dir: str | Path | None, replace_packaged: bool) -> Path:
+    """The folder a build replaces: ``out_dir``, or the packaged world only with ``replace_packaged``.
+
+    A folder that exists must be empty or an earlier world (it has ``world.json``): the switch
+    replaces the whole folder, and must never take unrelated files with it.
+    """
+    packaged = Path(ASSETS).resolve()
+    if out_dir is None:
+        if not replace_packaged:
+            raise ConfigError("mmpo world build: give --out DIR for the new world (the packaged world in "
+                              f"{packaged} is rebuilt only with --replace-packaged)")
+        return packaged
+    out = Path(out_dir).expanduser().resolve()
+    if out == packaged and not replace_packaged:
+        raise ConfigError(f"mmpo world build: {out} is the packaged world; pass --replace-packaged to rebuild it, "
+                          "or choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "world.json").is_file():
+        raise ConfigError(f"mmpo world build: {out} exists and is not a world (no world.json); the build replaces "
+                          "the whole folder, so choose a new or empty one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"mmpo world build: {out} is a file; choose a folder")
+    return out
+
+
+def staging_folder(out: Path) -> Path:
+    """A fresh sibling of ``out`` (same file system, so the final switch is a rename)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in out.parent.glob(f".{out.name}.building-*"):  # from a build that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir() and not out.exists():  # killed between the two renames of the fallback switch
+        os.rename(old, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``; no Python API
+    exposes it). False where the system does not offer it."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def switch_into_place(new: Path, out: Path) -> None:
+    """Make the finished build ``new`` the folder ``out``; readers see the old world or the new one."""
+    if not out.exists():
+        os.rename(new, out)
+    elif _exchange(new, out):
+        shutil.rmtree(new)  # now the old world
+    else:  # two renames; a kill between them is undone by the next build (staging_folder)
+        old = out.with_name(f".{out.name}.old")
+        os.rename(out, old)
+        os.rename(new, out)
+        shutil.rmtree(old)
+    try:
+        fd = os.open(out.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+
+
 # ----------------------------------------------------------------------------- build
 
 
-def build_world(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, *, sizes: WorldSizes = WorldSizes(),
+def build_world(out_dir: str | Path | None = None, seed: int = 0, *, sizes: WorldSizes = WorldSizes(),
                 sft_epochs: int = SFT_EPOCHS, sft_lr: float = 1e-3, sft_batch_size: int = 32,
-                vocab_size: int = TOKENIZER_VOCAB) -> dict:
-    """Generate the data, train tokenizer and tiny Llama (SFT), measure, and write ``world.json``."""
-    out_dir = Path(out_dir)
+                vocab_size: int = TOKENIZER_VOCAB, replace_packaged: bool = False) -> dict:
+    """Generate the data, train tokenizer and tiny Llama (SFT), measure, and write ``world.json``.
+
+    Everything is built in a fresh folder and switched into ``out_dir`` at the end, so an
+    interrupted build leaves the old world whole. ``out_dir=None`` means the packaged world,
+    which is only replaced with ``replace_packaged=True``.
+    """
+    out = output_folder(out_dir, replace_packaged)
+    staging = staging_folder(out)
+    try:
+        info = _build(staging, seed, sizes=sizes, sft_epochs=sft_epochs, sft_lr=sft_lr,
+                      sft_batch_size=sft_batch_size, vocab_size=vocab_size)
+        switch_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return info
+
+
+def _build(out_dir: Path, seed: int, *, sizes: WorldSizes, sft_epochs: int, sft_lr: float, sft_batch_size: int,
+           vocab_size: int) -> dict:
     started = time.monotonic()
     counts = generate_world_data(out_dir, seed, sizes)
     sft_file = out_dir / "data/sft_train.jsonl"
