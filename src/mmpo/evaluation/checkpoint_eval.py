@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpo.config import ConfigError
+from mmpo.training.run_dir import RESULTS_FILE, atomic_write_text
 from mmpo.world import bundled_path
 
 WORLD_TASKS_DIR = bundled_path("tasks")
@@ -259,7 +260,7 @@ def evaluate_checkpoint(
         Path(s.output) if s.output else (Path(model_dir).parent / "eval" if config_file else Path(model_dir) / "eval")
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    result_path = out_dir / "results.json"
+    result_path = out_dir / RESULTS_FILE
     files = checkpoint_files_fingerprint(Path(model_dir))
     measuring = {"rewards": s.rewards, "winrate": bool(judges), "harness": bool(s.harness)}
     results: dict[str, Any] = {
@@ -270,7 +271,7 @@ def evaluate_checkpoint(
     }
 
     def save():
-        result_path.write_text(json.dumps(results, indent=1))
+        atomic_write_text(result_path, json.dumps(results, indent=1))
 
     save()  # from here on the file never shows another run's parts for what this run measures
     if s.rewards:

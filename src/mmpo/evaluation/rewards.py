@@ -9,10 +9,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import yaml
 from accelerate import Accelerator
 
-from mmpo.config import ConfigError, TrainConfig, from_dict, resolve
+from mmpo.config import ConfigError, TrainConfig, from_dict, load_yaml, resolve
 from mmpo.data import load_preference_examples
 from mmpo.modeling import load_model, load_tokenizer
 from mmpo.training.preference import (
@@ -23,7 +22,7 @@ from mmpo.training.preference import (
     reference_logps,
     with_model,
 )
-from mmpo.training.run_dir import CHECKPOINTS_DIR, CONFIG_FILE, MODEL_DIR
+from mmpo.training.run_dir import CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, MODEL_DIR
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
@@ -39,6 +38,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path | None]:
     if (path / MODEL_DIR).is_dir():
         config = path / CONFIG_FILE
         return path / MODEL_DIR, config if config.is_file() else None
+    is_model = any((path / name).is_file() for name in ("config.json", "adapter_config.json"))
+    if path.is_dir() and not is_model and ((path / CONFIG_FILE).is_file() or (path / METRICS_FILE).is_file()):
+        raise ConfigError(f"{path} is a run folder without a complete checkpoint (no epoch or save step finished yet)")
     if path.is_dir():
         for candidate in (path.parent / CONFIG_FILE, path.parent.parent / CONFIG_FILE):
             if candidate.is_file():
@@ -51,8 +53,7 @@ def run_config(config_file: Path | None, **overrides) -> TrainConfig:
     """The training config of a checkpoint (objective, beta, lengths...), with overrides."""
     cfg = TrainConfig()
     if config_file is not None:
-        values = yaml.safe_load(config_file.read_text()) or {}
-        cfg = from_dict(TrainConfig, values, source=str(config_file))
+        cfg = from_dict(TrainConfig, load_yaml(config_file), source=str(config_file))
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     return resolve(cfg)
 
