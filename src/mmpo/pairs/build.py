@@ -161,6 +161,13 @@ def outcome(scores: Sequence[float], eligible: Sequence[bool], pairs: Sequence[t
     return "all_partial"  # equal scores strictly between 0 and 1, or identical texts
 
 
+def _flat(values: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, Mapping) else {f"{prefix}{key}": value})
+    return out
+
+
 class SamplesLog:
     """``sampling.json`` + ``samples.jsonl``: what was sampled so far, checked against the current settings."""
 
@@ -175,18 +182,20 @@ class SamplesLog:
             return {}
         saved = json.loads(settings_file.read_text())
         if saved != self.header:
-            changed = sorted(k for k in set(saved) | set(self.header) if saved.get(k) != self.header.get(k))
+            before, now = _flat(saved), _flat(self.header)
+            changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
             raise ConfigError(
                 f"{self.folder} holds samples made with other settings ({', '.join(changed)} differ): "
                 "use another output folder, or delete this one to start over"
             )
         done: dict[int, list[dict]] = {}
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut off by an interruption: its batch is sampled again
+            text = self.path.read_text(encoding="utf-8")
+            complete = text[: text.rfind("\n") + 1]
+            if complete != text:  # a line cut off by an interruption: drop it, so appends start on a new line
+                self.path.write_text(complete, encoding="utf-8")
+            for line in complete.splitlines():
+                record = json.loads(line)
                 done[record["index"]] = record["samples"]
         return done
 
