@@ -104,19 +104,30 @@ def load_gguf_tokenizer(source: GGUFSource):
         raise _load_error(source, err) from None
 
 
-def load_gguf_model(source: GGUFSource, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """A plain transformers model holding the GGUF file's weights, dequantized (saves like any model)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def load_gguf_config(source: GGUFSource):
+    """The model config stored in the GGUF file, without the quantization config (the weights load dequantized)."""
+    from transformers import AutoConfig
 
     _require_gguf_reader()
     try:
-        dequantized = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.file, dtype=torch.float32)
         config = AutoConfig.from_pretrained(source.folder, gguf_file=source.file)
     except (OSError, ValueError, KeyError) as err:
         raise _load_error(source, err) from None
     # The quantization config is what makes save_pretrained refuse; the tensors are already plain.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    return config
+
+
+def load_gguf_model(source: GGUFSource, *, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """A plain transformers model holding the GGUF file's weights, dequantized (saves like any model)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_gguf_config(source)
+    try:
+        dequantized = AutoModelForCausalLM.from_pretrained(source.folder, gguf_file=source.file, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(source, err) from None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=attn_implementation)
     model.load_state_dict(dequantized.state_dict(), strict=True)
     model.generation_config = dequantized.generation_config
