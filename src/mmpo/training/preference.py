@@ -26,14 +26,11 @@ from mmpo.training.loop import (
     check_resume_data,
     RunResult,
     final_model_dir,
-    init_trackers,
-    make_accelerator,
-    mixed_precision,
     prepare_run_dir,
     publish_final_model,
     run,
-    settle_batch,
 )
+from mmpo.training.setup import init_trackers, make_accelerator, mixed_precision, settle_batch
 from mmpo.training.run_dir import RunDir
 
 #: Per-pair metric names (TRL's) that every preference evaluation reports.

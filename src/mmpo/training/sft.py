@@ -14,13 +14,11 @@ from mmpo.training.loop import (
     RunResult,
     check_resume_data,
     final_model_dir,
-    init_trackers,
-    make_accelerator,
     prepare_run_dir,
     publish_final_model,
     run,
-    settle_batch,
 )
+from mmpo.training.setup import init_trackers, make_accelerator, settle_batch
 from mmpo.training.preference import require_examples
 
 
