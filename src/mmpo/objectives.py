@@ -21,6 +21,7 @@ __all__ = [
     "mmpo_loss",
     "dpo_loss",
     "simpo_loss",
+    "chosen_nll_loss",
     "mmpo_prior_rewards",
     "minmax_range",
     "entropy_surrogate",
@@ -38,6 +39,9 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, float]] = {
     "mmpo": {"beta": 0.01, "chosen_reward": 0.9, "rejected_reward": 0.1},
     "dpo": {"beta": 0.1},
     "simpo": {"beta": 2.0, "gamma": 1.0},
+    # Supervised fine-tuning on the chosen answers: no temperature; beta is carried only so every
+    # objective has one (it changes nothing).
+    "sft": {"beta": 1.0},
 }
 
 
@@ -191,6 +195,18 @@ def simpo_loss(
     rejected = beta * logp_l / n_l
     losses = -F.logsigmoid(chosen - rejected - gamma)
     return ObjectiveOutput(losses=losses, chosen_rewards=chosen.detach(), rejected_rewards=rejected.detach())
+
+
+def chosen_nll_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) -> ObjectiveOutput:
+    """Supervised fine-tuning on the chosen answers: ``L = -logp_w`` (the rejected answer is ignored).
+
+    The baseline default MMPO equals up to a constant: MMPO's loss with the auxiliary term is
+    ``-logp_w - rn_w`` with ``rn_w`` a constant, so both have the same gradient. Rewards are the
+    policy log-probs; its reward accuracy is ``logp_w > logp_l``.
+    """
+    _check_shapes(policy_chosen_logps, policy_rejected_logps)
+    logp_w, logp_l = _upcast(policy_chosen_logps, policy_rejected_logps)
+    return ObjectiveOutput(losses=-logp_w, chosen_rewards=logp_w.detach(), rejected_rewards=logp_l.detach())
 
 
 def entropy_surrogate(

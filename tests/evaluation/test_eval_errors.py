@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 import pytest
+import yaml
 
-from mmpo.config import ConfigError
+from mmpo.config import ConfigError, bundled_path
 from mmpo.evaluation.rewards import resolve_checkpoint, run_config
 
 
@@ -32,13 +34,18 @@ def test_a_run_folder_without_checkpoints_is_named_as_such(tmp_path):
 
 
 def test_a_damaged_run_config_is_one_clear_error(tmp_path):
-    config = tmp_path / "config.yaml"
+    """A checkpoint whose run config.yaml is broken or not UTF-8: one line naming the file, exit 2."""
+    run = tmp_path / "run"
+    shutil.copytree(bundled_path("sft_model"), run / "model")
+    config = run / "config.yaml"
     config.write_text("objective: [mmpo\n")
-    with pytest.raises(ConfigError, match="config.yaml: not valid YAML at line 2"):
+    with pytest.raises(yaml.YAMLError):
         run_config(config)
+    proc = mmpo_eval(str(run), "--no-winrate", "--harness")
+    assert proc.returncode == 2 and "is not valid YAML at line 2" in proc.stderr and "Traceback" not in proc.stderr
     config.write_bytes("objective: dpo\n".encode("utf-16"))
-    with pytest.raises(ConfigError, match="not UTF-8 text"):
-        run_config(config)
+    proc = mmpo_eval(str(run), "--no-winrate", "--harness")
+    assert proc.returncode == 2 and "is not UTF-8 text" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_limit_zero_is_refused(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 from mmpo.objectives import OBJECTIVE_DEFAULTS as LOSS_DEFAULTS
 
 #: Learning rates the embedded world was calibrated with (presets carry the paper's Table 3 values).
-WORLD_LEARNING_RATES = {"mmpo": 5e-4, "dpo": 5e-4, "simpo": 1e-4}
+WORLD_LEARNING_RATES = {"mmpo": 5e-4, "dpo": 5e-4, "simpo": 1e-4, "sft": 5e-4}
 SFT_LEARNING_RATE = 1e-3
 
 #: Every objective's defaults: its loss hyper-parameters plus the learning rate.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -35,19 +36,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
-    try:
-        values = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(err, 'problem', None) or err}") from None
+    # A broken or non-UTF-8 file raises yaml's / Python's own error: the command line's error handler
+    # (mmpo.errors) names the file, the line and column or the encoding, with a hint.
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
     return values
+
+
+#: A number PyYAML (YAML 1.1) leaves as text: scientific notation without a dot, e.g. 5e-4.
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
 
 
 def _is_float_field(hint: Any) -> bool:
@@ -63,11 +61,8 @@ def _clean(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         hint = hints[key]
         if typing.get_origin(hint) is tuple or "tuple" in str(hint):
             value = tuple(value) if isinstance(value, list) else (value,) if isinstance(value, str) else value
-        elif isinstance(value, str) and _is_float_field(hint):
-            try:
-                value = float(value)
-            except ValueError:
-                pass  # reported by the type check, naming the key
+        elif isinstance(value, str) and _is_float_field(hint) and _EXPONENT_NUMBER.match(value.strip()):
+            value = float(value)  # any other text stays text: the type check names the key
         clean[key] = value
     return clean
 

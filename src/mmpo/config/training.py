@@ -142,8 +142,8 @@ class SFTConfig(CommonConfig):
 class TrainConfig(CommonConfig):
     """Preference training with MMPO, DPO or SimPO."""
 
-    objective: Literal["mmpo", "dpo", "simpo"] = "mmpo"
-    """Preference objective."""
+    objective: Literal["mmpo", "dpo", "simpo", "sft"] = "mmpo"
+    """Preference objective (sft: the chosen answers' NLL, the baseline default MMPO equals up to a constant)."""
     variant: Literal["paper", "authors-code"] = "paper"
     """MMPO as in the paper, or as the authors' training code runs it (entropy bonus with coefficient beta, eps_w 1.0)."""
     dataset: tuple[str, ...] = field(default_factory=lambda: (str(bundled_path("data/prefs_train.jsonl")),))
@@ -298,7 +298,9 @@ def _refuse_settings_without_effect(cfg: CommonConfig) -> None:
                 ignored(key, f"only MMPO uses it, the objective is {cfg.objective}")
         if cfg.objective != "simpo":
             ignored("gamma", f"only SimPO uses it, the objective is {cfg.objective}")
-        else:
+        if cfg.objective == "sft":
+            ignored("length_normalize", "the sft objective sums the chosen answer's token NLL")
+        if cfg.objective == "simpo":
             ignored("length_normalize", "SimPO always uses per-token means")
             ignored("precompute_ref", "SimPO has no reference model")
         if cfg.normalize == "none":

@@ -27,7 +27,7 @@ from mmpo.training.run_dir import read_metrics
 from mmpo.config import ConfigError
 from mmpo.study.plan import EVENTS_FILE, PLAN_FILE, TUNING_FILE
 
-OBJECTIVE_LABELS = {"mmpo": "MMPO", "dpo": "DPO", "simpo": "SimPO"}
+OBJECTIVE_LABELS = {"mmpo": "MMPO", "dpo": "DPO", "simpo": "SimPO", "sft": "SFT (chosen)"}
 
 
 # --------------------------------------------------------------------------------------------

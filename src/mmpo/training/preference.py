@@ -19,7 +19,7 @@ from mmpo.config import ConfigError, TrainConfig, apply_preset, is_user_set, res
 from mmpo.data import examples_fingerprint, load_preference_examples
 from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps
 from mmpo.modeling import is_peft_model, load_model, load_tokenizer, model_context_length, weights_fingerprint
-from mmpo.objectives import ObjectiveOutput, dpo_loss, minmax_range, mmpo_loss, mmpo_prior_rewards, simpo_loss
+from mmpo.objectives import ObjectiveOutput, chosen_nll_loss, dpo_loss, minmax_range, mmpo_loss, mmpo_prior_rewards, simpo_loss
 from mmpo.training import refcache
 from mmpo.training.loop import (
     Recipe,
@@ -84,6 +84,8 @@ class PreferenceStep:
     def objective(self, logps: PreferenceLogps, examples: list[dict], norm_range=None) -> ObjectiveOutput:
         """The configured objective on policy log-probs and the examples' cached reference."""
         cfg = self.cfg
+        if cfg.objective == "sft":
+            return chosen_nll_loss(logps.chosen_logps, logps.rejected_logps)
         if cfg.objective == "simpo":
             return simpo_loss(
                 logps.chosen_logps,
