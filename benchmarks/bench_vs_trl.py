@@ -150,8 +150,8 @@ def run_trl(spec: Spec) -> dict:
 def run_ours(spec: Spec) -> dict:
     from mmpo.config import TrainConfig
     from mmpo.data import DatasetSpec, load_rows, prepare_preference_examples
-    from mmpo.training import train
     from mmpo.modeling import load_tokenizer
+    from mmpo.training import train
 
     objective = spec.run.split("-", 1)[1]
     run_dir = Path(spec.workdir) / f"{spec.size}-{spec.run}"

@@ -27,11 +27,11 @@ import torch
 
 from mmpo.config import TrainConfig, resolve
 from mmpo.data import load_preference_examples
-from mmpo.training.preference import PreferenceStep
 from mmpo.forward import ForwardOptions, preference_logps
 from mmpo.modeling import load_model, load_tokenizer
 from mmpo.pairs.sampling import SamplingSettings, sample_completions
 from mmpo.smolworld.build import smolworld_path
+from mmpo.training.preference import PreferenceStep
 
 
 def short_pairs(count: int, seed: int) -> list[dict]:

@@ -76,9 +76,10 @@ def test_imports_only_go_down_the_layers():
         for target in imported_modules(path):
             module = target
             # ``from mmpo.training import checkpoint`` names a module; ``... import train`` a function
-            if not (SRC.parent / (module.replace(".", "/") + ".py")).exists() and not (
-                SRC.parent / module.replace(".", "/")
-            ).is_dir():
+            if (
+                not (SRC.parent / (module.replace(".", "/") + ".py")).exists()
+                and not (SRC.parent / module.replace(".", "/")).is_dir()
+            ):
                 module = module.rsplit(".", 1)[0]
             if module in ("mmpo",):
                 continue

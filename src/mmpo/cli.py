@@ -210,7 +210,9 @@ def parse_sectioned(cls: type, argv: list[str], prog: str, description: str, rea
     from_file = _file_defaults(cls, argv, read_config)
     default = to_sections(cls, from_file)
     parsed = tyro.cli(sectioned_class(cls), args=argv, default=default, prog=prog, description=description)
-    return set_sources(from_sections(cls, parsed), {**given_sources(from_file), **dict.fromkeys(flags_in_argv(cls, argv), FLAG)})
+    return set_sources(
+        from_sections(cls, parsed), {**given_sources(from_file), **dict.fromkeys(flags_in_argv(cls, argv), FLAG)}
+    )
 
 
 # --------------------------------------------------------------------------------------------

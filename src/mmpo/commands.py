@@ -94,7 +94,10 @@ def run_export(args: Any) -> int:
     if args.merge_lora:
         out = Path(args.out or f"{source.resolve()}-merged")
         merge_lora(folder, out, base_model=args.base_model, dtype=args.dtype)
-        saved = next((p / "config.yaml" for p in (folder, folder.parent, folder.parent.parent) if (p / "config.yaml").is_file()), None)
+        saved = next(
+            (p / "config.yaml" for p in (folder, folder.parent, folder.parent.parent) if (p / "config.yaml").is_file()),
+            None,
+        )
         if saved is not None:
             import yaml
 

@@ -31,12 +31,15 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").is_file()
 
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False,
-                   chat_template_path: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str, *, trust_remote_code: bool = False, chat_template_path: str | None = None
+) -> PreTrainedTokenizerBase:
     """Tokenizer of a model folder, Hub id or GGUF file (with the chat template of
     ``chat_template_path`` if given); a clear error when it cannot be found."""
     source = str(path)
-    if is_adapter_folder(path) and not any((Path(path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")):
+    if is_adapter_folder(path) and not any(
+        (Path(path) / n).exists() for n in ("tokenizer.json", "tokenizer_config.json")
+    ):
         source = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
     gguf = gguf_source(source)
     if gguf is not None:
@@ -75,8 +78,14 @@ def weights_dtype(name: str) -> torch.dtype:
     return torch.float32 if name == "auto" else DTYPES[name]
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype, attn_implementation: str = "sdpa",
-                    trust_remote_code: bool = False, is_trainable: bool = True) -> PreTrainedModel:
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    is_trainable: bool = True,
+) -> PreTrainedModel:
     """A model folder, Hub id, GGUF file or LoRA adapter folder (on any of those bases), as loaded weights."""
     path = str(path)
     try:
@@ -91,15 +100,21 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype, attn_implementation
             from peft import AutoPeftModelForCausalLM
 
             return AutoPeftModelForCausalLM.from_pretrained(
-                path, dtype=dtype, attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code, is_trainable=is_trainable,
+                path,
+                dtype=dtype,
+                attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code,
+                is_trainable=is_trainable,
             )
         gguf = gguf_source(path)
         if gguf is not None:
             return load_gguf_model(gguf, dtype=dtype, attn_implementation=attn_implementation)
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation,
-            trust_remote_code=trust_remote_code, use_safetensors=None,
+            path,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None,
         )
     except ConfigError:
         raise
@@ -113,8 +128,9 @@ def load_model(cfg: CommonConfig, *, train_dropout: bool = False) -> PreTrainedM
     """The model to train, with LoRA adapters when ``cfg.lora`` (PEFT)."""
     dtype = weights_dtype(cfg.dtype)
     path = cfg.model
-    model = load_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                            trust_remote_code=cfg.trust_remote_code)
+    model = load_pretrained(
+        path, dtype=dtype, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
+    )
     if not train_dropout:
         disable_dropout(model)
     if cfg.gradient_checkpointing:
@@ -124,8 +140,11 @@ def load_model(cfg: CommonConfig, *, train_dropout: bool = False) -> PreTrainedM
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM",
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules),
+            task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
         if cfg.gradient_checkpointing:
@@ -167,7 +186,8 @@ def model_context_length(cfg: CommonConfig) -> int | None:
     try:
         gguf = gguf_source(path)
         config = (
-            load_gguf_config(gguf) if gguf is not None
+            load_gguf_config(gguf)
+            if gguf is not None
             else AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         )
     except (OSError, ValueError):

@@ -131,8 +131,11 @@ def mmpo_loss(
         raise ValueError(f"normalize must be 'minmax' or 'none', got {normalize!r}")
     logp_w, logp_l = _upcast(policy_chosen_logps, policy_rejected_logps)
     r_w, r_l = mmpo_prior_rewards(
-        ref_chosen_logps, ref_rejected_logps,
-        beta=beta, chosen_reward=chosen_reward, rejected_reward=rejected_reward,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        beta=beta,
+        chosen_reward=chosen_reward,
+        rejected_reward=rejected_reward,
     )
     r_w, r_l = r_w.to(logp_w.dtype), r_l.to(logp_w.dtype)
     if normalize == "minmax":

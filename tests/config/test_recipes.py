@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import write_prefs
 
+from helpers import write_prefs
 from mmpo.config import ConfigError, TrainConfig, bundled_path, from_dict, sources
 
 HANDBOOK_DPO = {
@@ -76,9 +76,22 @@ def test_handbook_dpo_recipe_reads_as_our_settings(tmp_path, capsys):
 def test_handbook_recipe_trains_with_objective_mmpo(tmp_path):
     path = handbook_recipe(tmp_path)
     proc = subprocess.run(
-        [sys.executable, "-m", "mmpo.cli", "train", "--config", str(path), "--objective", "mmpo", "--no-progress",
-         "--cache-dir", str(tmp_path / "cache")],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "mmpo.cli",
+            "train",
+            "--config",
+            str(path),
+            "--objective",
+            "mmpo",
+            "--no-progress",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WORDS
 from judge_server import FakeJudgeServer, openai_reply
 from transformers import AutoModelForCausalLM
 
+from helpers import WORDS
 from mmpo.evaluation.checkpoint_eval import EvalSettings, evaluate_checkpoint
 
 PAPER_ANNOTATOR = "weighted_alpaca_eval_gpt-4o-mini-2024-07-18"

@@ -14,8 +14,9 @@ from mmpo.evaluation.rewards import resolve_checkpoint, run_config
 
 
 def mmpo_eval(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmpo.cli", "eval", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mmpo.cli", "eval", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_a_run_folder_without_checkpoints_is_named_as_such(tmp_path):

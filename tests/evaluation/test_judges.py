@@ -57,7 +57,11 @@ def records(outputs: list[str], generator: str, instructions: list[str] | None =
 
 
 def test_openai_judge_weights_the_two_labels_by_probability(server):
-    server.respond = lambda path, body, headers: (200, {}, openai_reply("m", [("m", 0.6), ("M", 0.2), ("x", 0.1), (" m", 0.1)]))
+    server.respond = lambda path, body, headers: (
+        200,
+        {},
+        openai_reply("m", [("m", 0.6), ("M", 0.2), ("x", 0.1), (" m", 0.1)]),
+    )
     judge = OpenAIJudge("gpt-4o-mini-2024-07-18", base_url=server.url + "/v1")
     verdict = judge.judge("Say hi", "hi", "hello")
     assert verdict.preference == pytest.approx(0.7 / 0.9)  # "m" and " m" both count for the first output
@@ -66,14 +70,24 @@ def test_openai_judge_weights_the_two_labels_by_probability(server):
     assert request["path"] == "/v1/chat/completions"
     assert request["headers"]["authorization"] == f"Bearer {SECRET}"
     body = request["body"]
-    assert (body["logprobs"], body["top_logprobs"], body["max_tokens"], body["model"]) == (True, 5, 1, "gpt-4o-mini-2024-07-18")
+    assert (body["logprobs"], body["top_logprobs"], body["max_tokens"], body["model"]) == (
+        True,
+        5,
+        1,
+        "gpt-4o-mini-2024-07-18",
+    )
     assert shown_outputs(user_prompt(body)) == ("hi", "hello")
     assert "Say hi" in user_prompt(body)
 
 
 def test_weighted_judge_without_logprobs_is_a_failure_retried_on_rerun(server, tmp_path):
-    replies = iter([openai_reply("M"), openai_reply("m", [("yes", 0.9), ("no", 0.1)]),
-                    openai_reply("m", [("m", 0.75), ("M", 0.25)])])
+    replies = iter(
+        [
+            openai_reply("M"),
+            openai_reply("m", [("yes", 0.9), ("no", 0.1)]),
+            openai_reply("m", [("m", 0.75), ("M", 0.25)]),
+        ]
+    )
     server.respond = lambda path, body, headers: (200, {}, next(replies))
     judge = OpenAIJudge("m1", base_url=server.url)
     for _ in range(2):  # no log-probs at all, then log-probs without either label: never a hard 0/1
@@ -111,7 +125,9 @@ def test_malformed_replies_are_recorded_as_errors_and_excluded(server):
 
     server.respond = respond
     judge = OpenAIJudge("m1", base_url=server.url)
-    rows = judge_pairs(judge, records(["garbled a", "notjson b", "fine c"], "model"), records(["x", "y", "z"], "sft"), **FAST)
+    rows = judge_pairs(
+        judge, records(["garbled a", "notjson b", "fine c"], "model"), records(["x", "y", "z"], "sft"), **FAST
+    )
     garbled, notjson, fine = rows
     assert garbled["preference"] is None
     assert "no log-probs" in garbled["error"] and "first one" in garbled["raw"]
@@ -123,9 +139,13 @@ def test_malformed_replies_are_recorded_as_errors_and_excluded(server):
 
 
 def test_rate_limit_is_retried_honouring_retry_after(server):
-    replies = iter([(429, {"Retry-After": "0"}, {"error": {"message": "slow down"}}),
-                    (503, {}, "overloaded"),
-                    (200, {}, openai_reply("m", [("m", 0.8), ("M", 0.2)]))])
+    replies = iter(
+        [
+            (429, {"Retry-After": "0"}, {"error": {"message": "slow down"}}),
+            (503, {}, "overloaded"),
+            (200, {}, openai_reply("m", [("m", 0.8), ("M", 0.2)])),
+        ]
+    )
     server.respond = lambda path, body, headers: next(replies)
     judge = OpenAIJudge("m1", base_url=server.url)
     rows = judge_pairs(judge, records(["good"], "model"), records(["bad"], "sft"), max_retries=5, **FAST)
@@ -218,8 +238,13 @@ def test_api_key_never_leaks_into_repr_or_errors(server):
 
 
 def anthropic_reply(text: str) -> dict:
-    return {"id": "msg", "type": "message", "role": "assistant", "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn"}
+    return {
+        "id": "msg",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+    }
 
 
 def test_anthropic_judge_binary_verdicts_and_headers(server):
@@ -240,13 +265,19 @@ def test_anthropic_judge_binary_verdicts_and_headers(server):
 
 
 def test_anthropic_overload_retry_and_malformed_text(server):
-    replies = iter([(529, {}, {"type": "error", "error": {"type": "overloaded_error"}}),
-                    (200, {}, anthropic_reply("M")),
-                    (200, {}, anthropic_reply("Both are fine.")),
-                    (200, {}, {"type": "message", "content": "oops"})])
+    replies = iter(
+        [
+            (529, {}, {"type": "error", "error": {"type": "overloaded_error"}}),
+            (200, {}, anthropic_reply("M")),
+            (200, {}, anthropic_reply("Both are fine.")),
+            (200, {}, {"type": "message", "content": "oops"}),
+        ]
+    )
     server.respond = lambda path, body, headers: next(replies)
     judge = AnthropicJudge("c", base_url=server.url)
-    rows = judge_pairs(judge, records(["a", "b", "c"], "model"), records(["x", "y", "z"], "sft"), max_concurrency=1, **FAST)
+    rows = judge_pairs(
+        judge, records(["a", "b", "c"], "model"), records(["x", "y", "z"], "sft"), max_concurrency=1, **FAST
+    )
     assert server.calls == 4
     assert rows[0]["preference"] == (1.0 if rows[0]["flipped"] else 0.0)
     assert rows[1]["preference"] is None and "expected 'm' or 'M'" in rows[1]["error"]
@@ -301,9 +332,11 @@ def test_programmatic_judge_grades_from_example_metadata():
     def grade(example, output):
         return int(output.strip() == example["answer"])
 
-    model = [{"instruction": "first letter of zorbat?", "output": "z", "answer": "z", "generator": "m"},
-             {"instruction": "first letter of mipo?", "output": "q", "answer": "m", "generator": "m"},
-             {"instruction": "repeat banop", "output": "banop", "answer": "banop", "generator": "m"}]
+    model = [
+        {"instruction": "first letter of zorbat?", "output": "z", "answer": "z", "generator": "m"},
+        {"instruction": "first letter of mipo?", "output": "q", "answer": "m", "generator": "m"},
+        {"instruction": "repeat banop", "output": "banop", "answer": "banop", "generator": "m"},
+    ]
     sft = [{"instruction": r["instruction"], "output": o, "generator": "s"} for r, o in zip(model, ["x", "m", "banop"])]
     rows = judge_pairs(ProgrammaticJudge(grade), model, sft)
     assert [r["preference"] for r in rows] == [1.0, 0.0, 0.5]

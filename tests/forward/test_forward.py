@@ -19,8 +19,7 @@ import torch
 
 import mmpo.forward.logps as logps_module
 from mmpo.data.order import length_grouped_order
-from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps, score_hidden, sft_loss
-from mmpo.forward import attention
+from mmpo.forward import ForwardOptions, PreferenceLogps, attention, preference_logps, score_hidden, sft_loss
 from mmpo.forward import layout as layouts
 from mmpo.objectives import dpo_loss, mmpo_loss, simpo_loss
 from mmpo.world.model import build_tiny_llama
@@ -56,11 +55,18 @@ def encode_pairs(tokenizer, pairs=PAIRS) -> list[dict]:
     """Tokenized preference examples as the data module makes them (chat template, EOS-closed)."""
     out = []
     for i, (prompt, chosen, rejected) in enumerate(pairs):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                             tokenize=False)
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        out.append({"id": f"t:{i}", "prompt_ids": encode(text), "chosen_ids": encode(chosen + END),
-                    "rejected_ids": encode(rejected + END)})
+        out.append(
+            {
+                "id": f"t:{i}",
+                "prompt_ids": encode(text),
+                "chosen_ids": encode(chosen + END),
+                "rejected_ids": encode(rejected + END),
+            }
+        )
     return out
 
 
@@ -84,8 +90,9 @@ def objective_loss(name: str, logps: PreferenceLogps) -> torch.Tensor:
     if name == "dpo":
         return dpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.1).losses.mean()
     if name == "simpo":
-        return simpo_loss(logps.chosen_logps, logps.rejected_logps, logps.chosen_lengths, logps.rejected_lengths,
-                          beta=2.0, gamma=1.0).losses.mean()
+        return simpo_loss(
+            logps.chosen_logps, logps.rejected_logps, logps.chosen_lengths, logps.rejected_lengths, beta=2.0, gamma=1.0
+        ).losses.mean()
     assert name == "entropy"  # MMPO plus the entropy surrogate term, as the engine combines them
     entropy = torch.cat([logps.chosen_entropy, logps.rejected_entropy]).mean()
     return mmpo_loss(logps.chosen_logps, logps.rejected_logps, ref_w, ref_l, beta=0.5).losses.mean() - 0.3 * entropy
@@ -93,8 +100,14 @@ def objective_loss(name: str, logps: PreferenceLogps) -> torch.Tensor:
 
 def loss_and_grads(model, examples, objective: str, options, pad: int, *, length_normalize=False):
     model.zero_grad(set_to_none=True)
-    logps = preference_logps(model, examples, pad_token_id=pad, compute_entropy=objective == "entropy",
-                             length_normalize=length_normalize, options=options)
+    logps = preference_logps(
+        model,
+        examples,
+        pad_token_id=pad,
+        compute_entropy=objective == "entropy",
+        length_normalize=length_normalize,
+        options=options,
+    )
     loss = objective_loss(objective, logps)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -142,8 +155,9 @@ def test_length_normalized_entropy_matches(tokenizer):
     model = sensitive_llama(tokenizer)
     examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
     want_logps, _, want_grads = loss_and_grads(model, examples, "entropy", None, pad, length_normalize=True)
-    got_logps, _, got_grads = loss_and_grads(model, examples, "entropy", FAST_OPTIONS["shared+packed+chunked"], pad,
-                                             length_normalize=True)
+    got_logps, _, got_grads = loss_and_grads(
+        model, examples, "entropy", FAST_OPTIONS["shared+packed+chunked"], pad, length_normalize=True
+    )
     assert_logps_close(got_logps, want_logps)
     assert_grads_close(got_grads, want_grads)
 
@@ -153,8 +167,13 @@ def test_lora_model_matches_padded_path_and_reference_is_base(tokenizer):
 
     base = sensitive_llama(tokenizer)
     # init_lora_weights=False: random A and B, so the adapters change the outputs and get gradients
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft notes the tied lm_head
         model = get_peft_model(base, config)
@@ -200,8 +219,15 @@ def test_a_wrong_mask_is_caught(tokenizer, monkeypatch):
     want = preference_logps(model, examples, pad_token_id=pad)
     correct_mask = layouts.block_mask
     monkeypatch.setattr(layouts, "block_mask", lambda segment, branch, kind: correct_mask(segment, branch * 0, kind))
-    got = logps_module.fast_preference_logps(model, examples, FAST_OPTIONS["shared-prompt"], "mask", pad_token_id=pad,
-                                    compute_entropy=False, length_normalize=False)
+    got = logps_module.fast_preference_logps(
+        model,
+        examples,
+        FAST_OPTIONS["shared-prompt"],
+        "mask",
+        pad_token_id=pad,
+        compute_entropy=False,
+        length_normalize=False,
+    )
     torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)  # chosen unaffected
     assert float((got.rejected_logps - want.rejected_logps).detach().abs().max()) > 1e-2
 
@@ -221,13 +247,19 @@ def test_shared_prompt_layout_positions_and_visibility():
     assert sees[3] == [1, 1, 1, 1, 0]
     # chosen 21 and rejected 31 are both scored from the last prompt token (offset 1)
     assert list(zip(layout.predictors.tolist(), layout.targets.tolist(), layout.sequences.tolist())) == [
-        (1, 21, 0), (2, 22, 0), (1, 31, 1)]
+        (1, 21, 0),
+        (2, 22, 0),
+        (1, 31, 1),
+    ]
     assert layout.num_tokens == 5
 
 
 def test_packing_puts_sequences_side_by_side_without_crosstalk():
-    units = [layouts.sequence_unit([1, 2, 3, 4], [-100, 2, 3, 4], 0), layouts.sequence_unit([5, 6], [-100, 6], 1),
-             layouts.sequence_unit([7, 8], [-100, 8], 2)]
+    units = [
+        layouts.sequence_unit([1, 2, 3, 4], [-100, 2, 3, 4], 0),
+        layouts.sequence_unit([5, 6], [-100, 6], 1),
+        layouts.sequence_unit([7, 8], [-100, 8], 2),
+    ]
     layout = layouts.build_layout(units, [[0], [1, 2]], pad_token_id=0, device="cpu", mask_kind=torch.float32)
     assert layout.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
@@ -255,8 +287,11 @@ def test_length_grouped_order_cuts_padding_and_stays_a_shuffle():
     batch = 8
 
     def padding(order):
-        return sum(max(lengths[i] for i in order[s: s + batch]) * len(order[s: s + batch]) -
-                   sum(lengths[i] for i in order[s: s + batch]) for s in range(0, len(order), batch))
+        return sum(
+            max(lengths[i] for i in order[s : s + batch]) * len(order[s : s + batch])
+            - sum(lengths[i] for i in order[s : s + batch])
+            for s in range(0, len(order), batch)
+        )
 
     grouped = length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
     shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
@@ -264,15 +299,16 @@ def test_length_grouped_order_cuts_padding_and_stays_a_shuffle():
     assert padding(grouped) < 0.2 * padding(shuffled)
     assert grouped == length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
     assert grouped != length_grouped_order(lengths, seed=0, epoch=1, batch_size=batch, group_batches=10)
-    firsts = [max(lengths[i] for i in grouped[s: s + batch]) for s in range(0, len(grouped), batch)]
+    firsts = [max(lengths[i] for i in grouped[s : s + batch]) for s in range(0, len(grouped), batch)]
     assert firsts != sorted(firsts, reverse=True)  # batches are shuffled, not longest-first
 
 
 def test_padding_rows_never_produce_nan_gradients(tokenizer):
     model = sensitive_llama(tokenizer)
     examples = encode_pairs(tokenizer)[:2]
-    logps = preference_logps(model, examples, pad_token_id=tokenizer.pad_token_id,
-                             options=ForwardOptions(share_prompt=True, packing=False))
+    logps = preference_logps(
+        model, examples, pad_token_id=tokenizer.pad_token_id, options=ForwardOptions(share_prompt=True, packing=False)
+    )
     (logps.chosen_logps.sum() + logps.rejected_logps.sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -300,8 +336,11 @@ def test_chunked_scoring_matches_and_saves_no_logits():
     for chunk in (0, 8):
         hidden.grad, head.weight.grad = None, None
         out = {}
-        kept = retained_bytes(lambda: out.update(zip(("logps", "entropy"), score_hidden(
-            head, hidden, targets, with_entropy=True, chunk_size=chunk))))
+        kept = retained_bytes(
+            lambda: out.update(
+                zip(("logps", "entropy"), score_hidden(head, hidden, targets, with_entropy=True, chunk_size=chunk))
+            )
+        )
         (out["logps"].sum() + 0.5 * out["entropy"].sum()).backward()
         results[chunk] = (kept, out["logps"].detach(), hidden.grad.clone(), head.weight.grad.clone())
     full_logits = tokens * vocab * 4
@@ -378,9 +417,11 @@ def test_attention_mode_per_kernel(tokenizer):
 
 def test_segmented_attention_equals_dense_masked_attention():
     """Per-block sdpa calls give what one sdpa call with the dense 4D mask gives, padding aside."""
-    units = [layouts.shared_prompt_unit([1, 2, 3], [4, 5], [6, 7, 8, 9], 0, 3),
-             layouts.sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
-             layouts.shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3)]
+    units = [
+        layouts.shared_prompt_unit([1, 2, 3], [4, 5], [6, 7, 8, 9], 0, 3),
+        layouts.sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
+        layouts.shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3),
+    ]
     rows = [[0, 2], [1]]
     segmented = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=True)
     dense = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", segmented=False)
@@ -390,10 +431,12 @@ def test_segmented_attention_equals_dense_masked_attention():
     query = torch.randn(2, 4, width, 8, dtype=torch.float64, requires_grad=True)
     key, value = torch.randn(2, 2, width, 8, dtype=torch.float64), torch.randn(2, 2, width, 8, dtype=torch.float64)
     attention.install_segmented_attention()
-    got, _ = attention.sdpa_or_segmented(None, query, key, value, segmented.attention_mask, scaling=0.3,
-                                   mmpo_attention_plan=segmented.plan)
-    want = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense.attention_mask,
-                                                            scale=0.3, enable_gqa=True).transpose(1, 2)
+    got, _ = attention.sdpa_or_segmented(
+        None, query, key, value, segmented.attention_mask, scaling=0.3, mmpo_attention_plan=segmented.plan
+    )
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=dense.attention_mask, scale=0.3, enable_gqa=True
+    ).transpose(1, 2)
     real = dense.input_ids != 0
     torch.testing.assert_close(got[real], want[real])
     (grad_got,) = torch.autograd.grad(got[real].sum(), query)

@@ -48,8 +48,8 @@ def test_two_training_steps_on_the_imported_model(imported, tmp_path):
     import torch
 
     from mmpo.config import TrainConfig
-    from mmpo.training import train
     from mmpo.modeling import load_pretrained
+    from mmpo.training import train
 
     pairs = tmp_path / "pairs.jsonl"
     rows = [

@@ -81,8 +81,9 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path, tin
     #    or later was written: inside a step, a metrics write or a checkpoint write.
     t2 = rng.randint(n + 1, 7)
     second = Attempt(resume_job, tmp_path / "attempt2.log")
-    assert second.kill_when(lambda: any(r["step"] >= t2 for r in train_records(run)),
-                            delay=rng.uniform(0.0, 0.03)), note
+    assert second.kill_when(lambda: any(r["step"] >= t2 for r in train_records(run)), delay=rng.uniform(0.0, 0.03)), (
+        note
+    )
     for name in leftovers:
         assert f"removed leftover {run / 'checkpoints' / name}" in second.output(), note
     assert_run_folder_usable(run)
@@ -220,7 +221,7 @@ def test_torn_metrics_line_is_dropped_and_the_file_rewritten_whole(tmp_path):
 
 def test_manifest_that_is_valid_json_of_the_wrong_shape_is_a_reason_not_a_crash(tmp_path):
     folder = make_checkpoint(tmp_path / "run", "step-0000001", 1, b"data")
-    for text in ('{"files": 3}', '[]', '{"files": {"a": {"size": "x"}}}', '{"files": {}}'):
+    for text in ('{"files": 3}', "[]", '{"files": {"a": {"size": "x"}}}', '{"files": {}}'):
         (folder / "manifest.json").write_text(text)
         assert checkpoint.verify(folder) is not None, text
     (folder / "trainer_state.json").write_text("{torn")
@@ -234,9 +235,19 @@ def test_manifest_that_is_valid_json_of_the_wrong_shape_is_a_reason_not_a_crash(
 def test_mid_epoch_resume_restores_optimizer_scheduler_accumulation_and_rng(tmp_path, tokenizer):
     """SFT with dropout on: the resumed run only matches if the RNG state is restored as well."""
     model_dir = save_tiny_model(tokenizer, tmp_path / "dropout_model", attention_dropout=0.3)
-    cfg = SFTConfig(model=str(model_dir), dataset=(str(write_chat(tmp_path / "chat.jsonl", 24)),), eval_dataset=(),
-                    output_dir=str(tmp_path / "a"), per_device_batch_size=2, gradient_accumulation_steps=2,
-                    save_steps=1, learning_rate=1e-2, warmup_ratio=0.3, progress=False, logging_steps=1)
+    cfg = SFTConfig(
+        model=str(model_dir),
+        dataset=(str(write_chat(tmp_path / "chat.jsonl", 24)),),
+        eval_dataset=(),
+        output_dir=str(tmp_path / "a"),
+        per_device_batch_size=2,
+        gradient_accumulation_steps=2,
+        save_steps=1,
+        learning_rate=1e-2,
+        warmup_ratio=0.3,
+        progress=False,
+        logging_steps=1,
+    )
     sft(cfg)  # 6 optimizer steps of 2 micro-batches each
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(a, b)
@@ -252,8 +263,9 @@ def test_mid_epoch_resume_restores_optimizer_scheduler_accumulation_and_rng(tmp_
     for index, values in opt_a["state"].items():
         for key, tensor in values.items():
             assert torch.equal(tensor, opt_b["state"][index][key]), (index, key)
-    assert torch.load(state_a / "mmpo_scheduler.pt", weights_only=True) == \
-        torch.load(state_b / "mmpo_scheduler.pt", weights_only=True)
+    assert torch.load(state_a / "mmpo_scheduler.pt", weights_only=True) == torch.load(
+        state_b / "mmpo_scheduler.pt", weights_only=True
+    )
     rng_a = torch.load(state_a / "random_states_0.pkl", weights_only=False)
     rng_b = torch.load(state_b / "random_states_0.pkl", weights_only=False)
     assert rng_a["step"] == rng_b["step"] == 12  # Accelerate's micro-step counter: the accumulation position
@@ -316,9 +328,14 @@ def steps_containing(values: dict, ids: set[str]) -> list[int]:
     hits = []
     for step in range(steps_per_epoch * cfg.epochs):
         epoch, within = divmod(step, steps_per_epoch)
-        _, indices = step_micro_batches(epoch_order(len(examples), cfg.seed, epoch), within,
-                                        per_device=cfg.per_device_batch_size,
-                                        accumulation=cfg.gradient_accumulation_steps, world_size=1, rank=0)
+        _, indices = step_micro_batches(
+            epoch_order(len(examples), cfg.seed, epoch),
+            within,
+            per_device=cfg.per_device_batch_size,
+            accumulation=cfg.gradient_accumulation_steps,
+            world_size=1,
+            rank=0,
+        )
         if any(examples[i]["id"] in ids for i in indices):
             hits.append(step + 1)
     return hits
@@ -326,9 +343,11 @@ def steps_containing(values: dict, ids: set[str]) -> list[int]:
 
 @pytest.mark.parametrize("where, objective", [("policy", "mmpo"), ("reference", "dpo")])
 def test_nonfinite_steps_are_skipped_counted_and_logged_and_training_continues(
-        tmp_path, tiny_model_dir, monkeypatch, capsys, where, objective):
-    values = run_config(tmp_path, tiny_model_dir, epochs=2, save_steps=1, eval_dataset=[], objective=objective,
-                        warmup_ratio=0.0)  # no zero-learning-rate warm-up step: every good step moves the weights
+    tmp_path, tiny_model_dir, monkeypatch, capsys, where, objective
+):
+    values = run_config(
+        tmp_path, tiny_model_dir, epochs=2, save_steps=1, eval_dataset=[], objective=objective, warmup_ratio=0.0
+    )  # no zero-learning-rate warm-up step: every good step moves the weights
     poison = {"train:train:5"}
     (poison_policy_logps if where == "policy" else poison_reference_logps)(monkeypatch, poison)
     bad_steps = steps_containing(values, poison)
@@ -353,9 +372,11 @@ def test_nonfinite_steps_are_skipped_counted_and_logged_and_training_continues(
 
 
 def test_persistent_nonfinite_stops_with_a_clear_message_and_writes_no_bad_weights(
-        tmp_path, tiny_model_dir, monkeypatch):
-    values = run_config(tmp_path, tiny_model_dir, per_device_batch_size=2, gradient_accumulation_steps=1,
-                        save_steps=4, eval_dataset=[])  # 16 steps per epoch
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    values = run_config(
+        tmp_path, tiny_model_dir, per_device_batch_size=2, gradient_accumulation_steps=1, save_steps=4, eval_dataset=[]
+    )  # 16 steps per epoch
     poison_policy_logps(monkeypatch, {f"train:train:{i}" for i in range(32)})
     with pytest.raises(TrainingError, match="10 optimizer steps in a row had a non-finite loss or gradient"):
         train(make_config(values))
@@ -387,7 +408,8 @@ def test_remote_code_runs_only_when_asked(tmp_path, tiny_model_dir, monkeypatch)
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
         "from transformers import LlamaConfig, LlamaForCausalLM\n"
         "class CustomConfig(LlamaConfig):\n    model_type = 'llama'\n"
-        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
     config = json.loads((model_dir / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "custom_model.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomModel"}
     (model_dir / "config.json").write_text(json.dumps(config))

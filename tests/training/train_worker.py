@@ -58,8 +58,9 @@ class WriteRecorder:
     def audit(self, event: str, args: tuple) -> None:
         if event == "open":
             path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                (mode is None and isinstance(flags, int) and flags & WRITE_FLAGS)
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                mode is None and isinstance(flags, int) and flags & WRITE_FLAGS
+            )
             if writing:
                 self._note(path)
         elif event in MUTATING_EVENTS and args:

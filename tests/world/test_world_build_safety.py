@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
-from mmpo.config import ConfigError
-from mmpo.world import ASSETS
 from mmpo.cli import WorldBuildArgs
 from mmpo.commands import run_world_build
+from mmpo.config import ConfigError
+from mmpo.world import ASSETS
 from mmpo.world.build import _exchange, build_world, switch_into_place
 from mmpo.world.tasks import WorldSizes
 
@@ -42,8 +42,12 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_the_packaged_world_is_rebuilt_only_when_asked(tmp_path):
     before = snapshot(Path(ASSETS))
-    for call in (lambda: build_world(), lambda: build_world(ASSETS), lambda: run_world_build(WorldBuildArgs()),
-                 lambda: run_world_build(WorldBuildArgs(data_only=True))):
+    for call in (
+        lambda: build_world(),
+        lambda: build_world(ASSETS),
+        lambda: run_world_build(WorldBuildArgs()),
+        lambda: run_world_build(WorldBuildArgs(data_only=True)),
+    ):
         with pytest.raises(ConfigError, match="packaged world"):
             call()
     (tmp_path / "notes.txt").write_text("mine")

@@ -73,7 +73,9 @@ def _mixture(value: Any, source: str) -> list[str]:
         specs = []
         for entry in value["datasets"]:
             if entry.get("config") not in (None, "default"):
-                raise ConfigError(f"{source}: dataset_mixture entry {entry.get('id')!r}: configs other than 'default' are not supported")
+                raise ConfigError(
+                    f"{source}: dataset_mixture entry {entry.get('id')!r}: configs other than 'default' are not supported"
+                )
             spec = entry["id"] + (f":{entry['split']}" if entry.get("split") else "")
             specs.append(spec + (f"@{entry['weight']}" if entry.get("weight") not in (None, 1, 1.0) else ""))
         return specs
@@ -104,7 +106,9 @@ def translate(values: dict[str, Any], known: set[str], source: str) -> tuple[dic
         elif key == "loss_type":
             kind = value[0] if isinstance(value, list) and len(value) == 1 else value
             if kind not in LOSS_TYPES:
-                raise ConfigError(f"{source}: loss_type {value!r}: only {', '.join(LOSS_TYPES)} have a counterpart here")
+                raise ConfigError(
+                    f"{source}: loss_type {value!r}: only {', '.join(LOSS_TYPES)} have a counterpart here"
+                )
             put("objective", LOSS_TYPES[kind], key)
         elif key == "cpo_alpha":
             if value not in (0, 0.0):

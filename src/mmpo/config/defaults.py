@@ -29,6 +29,7 @@ def bundled_path(relative: str) -> Path:
     """Path of a shipped world artifact, e.g. ``bundled_path("sft_model")``."""
     return WORLD_DIR / relative
 
+
 #: Experiment trackers Accelerate integrates (``report_to``), plus ``all`` and ``none``.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 

@@ -131,7 +131,5 @@ def resume_mismatches(saved: dict[str, Any], current: Any) -> list[str]:
     now = to_dict(current)
     defaults = to_dict(type(current)())
     return sorted(
-        k
-        for k in set(saved) | set(now)
-        if k not in RESUME_NEUTRAL_KEYS and saved.get(k, defaults.get(k)) != now.get(k)
+        k for k in set(saved) | set(now) if k not in RESUME_NEUTRAL_KEYS and saved.get(k, defaults.get(k)) != now.get(k)
     )

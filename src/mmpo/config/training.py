@@ -259,11 +259,12 @@ def validate(cfg: CommonConfig) -> None:
     need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0")
     need(cfg.save_steps >= 0, "save_steps", "must be >= 0")
     need(bool(cfg.dataset), "dataset", "needs at least one dataset")
-    need(cfg.chat_template_path is None or Path(cfg.chat_template_path).is_file(), "chat_template_path",
-         "no such file")
+    need(cfg.chat_template_path is None or Path(cfg.chat_template_path).is_file(), "chat_template_path", "no such file")
     need(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", "must be -1 (run all epochs) or >= 1")
     need(cfg.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps every checkpoint)")
-    need(cfg.global_batch_size >= 0, "global_batch_size", "must be >= 0 (0: per-device batch x accumulation x processes)")
+    need(
+        cfg.global_batch_size >= 0, "global_batch_size", "must be >= 0 (0: per-device batch x accumulation x processes)"
+    )
     for tracker in cfg.report_to:
         need(tracker in (*TRACKERS, "all", "none"), "report_to", f"trackers are {', '.join(TRACKERS)}, all or none")
     need("none" not in cfg.report_to or len(cfg.report_to) == 1, "report_to", "'none' cannot be combined with trackers")
@@ -273,8 +274,11 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
         need(cfg.max_completion_length >= 1, "max_completion_length", "must be >= 1")
         need(cfg.entropy_coef >= 0, "entropy_coef", "must be >= 0")
-        need(cfg.chosen_reward > cfg.rejected_reward or cfg.objective != "mmpo", "chosen_reward",
-             "MMPO needs chosen_reward > rejected_reward")
+        need(
+            cfg.chosen_reward > cfg.rejected_reward or cfg.objective != "mmpo",
+            "chosen_reward",
+            "MMPO needs chosen_reward > rejected_reward",
+        )
     if isinstance(cfg, SFTConfig):
         need(cfg.max_length >= 2, "max_length", "must be >= 2")
 

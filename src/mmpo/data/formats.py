@@ -173,8 +173,9 @@ def _check_unicode(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise RowError(f"{what} is not valid Unicode: lone surrogate "
-                        f"{text[error.start]!r} at character {error.start}") from None
+        raise RowError(
+            f"{what} is not valid Unicode: lone surrogate {text[error.start]!r} at character {error.start}"
+        ) from None
 
 
 def _as_messages(value: Any, where: str, column: str, *, default_role: str | None) -> list[Message]:

@@ -192,8 +192,11 @@ def _read_jsonl(path: Path, spec: DatasetSpec, bad: BadLines) -> list[dict[str, 
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                bad.handle(where, f"dataset {spec.path!r}: line {line_number} is not valid UTF-8 (byte "
-                                  f"0x{raw[error.start]:02x} at column {error.start + 1}); save the file as UTF-8")
+                bad.handle(
+                    where,
+                    f"dataset {spec.path!r}: line {line_number} is not valid UTF-8 (byte "
+                    f"0x{raw[error.start]:02x} at column {error.start + 1}); save the file as UTF-8",
+                )
                 rows.append(None)
                 continue
             if not line.strip():
@@ -205,8 +208,11 @@ def _read_jsonl(path: Path, spec: DatasetSpec, bad: BadLines) -> list[dict[str, 
                 rows.append(None)
                 continue
             if not isinstance(row, dict):
-                bad.handle(where, f"dataset {spec.path!r}: line {line_number} is a JSON {type(row).__name__}, "
-                                  "not an object of columns")
+                bad.handle(
+                    where,
+                    f"dataset {spec.path!r}: line {line_number} is a JSON {type(row).__name__}, "
+                    "not an object of columns",
+                )
                 rows.append(None)
                 continue
             rows.append(row)
@@ -221,8 +227,10 @@ def _read_json(path: Path, spec: DatasetSpec, bad: BadLines) -> list[dict[str, A
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-        raise DataError(f"dataset {spec.path!r}: line {line} is not valid UTF-8 (byte 0x{data[error.start]:02x} "
-                        f"at column {column}); save the file as UTF-8") from None
+        raise DataError(
+            f"dataset {spec.path!r}: line {line} is not valid UTF-8 (byte 0x{data[error.start]:02x} "
+            f"at column {column}); save the file as UTF-8"
+        ) from None
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError:
@@ -237,8 +245,10 @@ def _read_json(path: Path, spec: DatasetSpec, bad: BadLines) -> list[dict[str, A
     rows: list[dict[str, Any] | None] = []
     for index, row in enumerate(parsed):
         if not isinstance(row, dict):
-            bad.handle(f"{path}[{index}]", f"dataset {spec.path!r}: row {index} is a JSON {type(row).__name__}, "
-                                           "not an object of columns")
+            bad.handle(
+                f"{path}[{index}]",
+                f"dataset {spec.path!r}: row {index} is a JSON {type(row).__name__}, not an object of columns",
+            )
             row = None
         rows.append(row)
     return rows
@@ -271,8 +281,10 @@ def _read_local_folder(path: Path, spec: DatasetSpec, bad: BadLines) -> list[dic
             return loaded.to_list()
         patterns = {str(split): files for split, files in get_data_patterns(str(path)).items()}
     except EmptyDatasetError:
-        raise DataError(f"dataset {spec.path!r}: the folder holds no data files (expected e.g. train.jsonl, "
-                        f"or data/train-*.parquet; readable types: {sorted(LOCAL_SUFFIXES)})") from None
+        raise DataError(
+            f"dataset {spec.path!r}: the folder holds no data files (expected e.g. train.jsonl, "
+            f"or data/train-*.parquet; readable types: {sorted(LOCAL_SUFFIXES)})"
+        ) from None
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as error:
         raise DataError(f"dataset {spec.path!r}: cannot read the folder: {type(error).__name__}: {error}") from None
     if spec.split not in patterns:
@@ -285,9 +297,11 @@ def _read_local_folder(path: Path, spec: DatasetSpec, bad: BadLines) -> list[dic
         return _select_split(datasets.load_dataset(str(path), name=spec.name), spec).to_list()
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as error:
         found = ", ".join(f.name for f in files[:5]) or "none"
-        raise DataError(f"dataset {spec.path!r}: cannot read the folder's {spec.split!r} files ({found}; readable "
-                        f"here: {sorted(LOCAL_SUFFIXES)}, others through datasets): {type(error).__name__}: "
-                        f"{str(error)[:200]}") from None
+        raise DataError(
+            f"dataset {spec.path!r}: cannot read the folder's {spec.split!r} files ({found}; readable "
+            f"here: {sorted(LOCAL_SUFFIXES)}, others through datasets): {type(error).__name__}: "
+            f"{str(error)[:200]}"
+        ) from None
 
 
 def _read_hub(spec: DatasetSpec) -> list[dict[str, Any]]:

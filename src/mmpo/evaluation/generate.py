@@ -95,8 +95,9 @@ def _hub_rows(hub_id: str, config: str | None, split: str | None) -> list:
     return list(dataset)
 
 
-def load_instructions(path_or_hub_id: str | Path, column: str = "instruction", *,
-                      config: str | None = None, split: str | None = None) -> list[dict]:
+def load_instructions(
+    path_or_hub_id: str | Path, column: str = "instruction", *, config: str | None = None, split: str | None = None
+) -> list[dict]:
     """Load a prompt set as a list of ``{"instruction": ..., **metadata}`` dicts.
 
     ``path_or_hub_id`` is a local ``.json`` (a list of rows) or ``.jsonl`` file, whose rows are
@@ -222,14 +223,18 @@ def generate_outputs(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     sampling = temperature > 0
     generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=stop_ids, pad_token_id=pad_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
         **({"temperature": temperature, "top_p": top_p} if sampling else {}),
     )
 
     prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
     prompts = [
-        tokenizer.apply_chat_template(prefix + [{"role": "user", "content": r["instruction"]}],
-                                      add_generation_prompt=True, tokenize=False)
+        tokenizer.apply_chat_template(
+            prefix + [{"role": "user", "content": r["instruction"]}], add_generation_prompt=True, tokenize=False
+        )
         for r in rows
     ]
     # Longest prompts first: batches of similar length waste less compute on padding.
@@ -245,11 +250,12 @@ def generate_outputs(
         batches = tqdm(batches, desc=f"generating ({generator_name})")
     device_ = next(model.parameters()).device
     for start in batches:
-        idx = order[start:start + batch_size]
-        batch = tokenizer([prompts[i] for i in idx], add_special_tokens=False, padding=True,
-                          padding_side="left", return_tensors="pt").to(device_)
+        idx = order[start : start + batch_size]
+        batch = tokenizer(
+            [prompts[i] for i in idx], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+        ).to(device_)
         generated = model.generate(**batch, generation_config=generation_config)
-        new_tokens = generated[:, batch["input_ids"].shape[1]:]
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
         is_stop = torch.isin(new_tokens, torch.tensor(stop_ids, device=new_tokens.device))
         for row_i, tokens, stops in zip(idx, new_tokens.tolist(), is_stop.tolist()):
             # Cut at the first stop token ourselves: a stop id need not be a "special" token that
@@ -258,7 +264,12 @@ def generate_outputs(
             n_unfinished += int(end == len(tokens))
             outputs[row_i] = tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
     if n_unfinished:
-        log.info("%d of %d outputs hit max_new_tokens=%d before an end-of-turn token", n_unfinished, len(rows), max_new_tokens)
+        log.info(
+            "%d of %d outputs hit max_new_tokens=%d before an end-of-turn token",
+            n_unfinished,
+            len(rows),
+            max_new_tokens,
+        )
 
     return [alpaca_eval_record(r, out, generator_name) for r, out in zip(rows, outputs)]
 
@@ -281,7 +292,9 @@ def write_model_outputs(records: Sequence[Mapping], path: str | Path) -> Path:
             raise ValueError(f"record {i} lacks string field(s) {missing}")
         nested = [k for k, v in record.items() if not _is_scalar(v)]
         if nested:
-            raise ValueError(f"record {i}: field(s) {nested} are not scalars; AlpacaEval's files hold scalar fields only")
+            raise ValueError(
+                f"record {i}: field(s) {nested} are not scalars; AlpacaEval's files hold scalar fields only"
+            )
     path = Path(path)
     if path.suffix != ".json":
         path = path / "model_outputs.json"

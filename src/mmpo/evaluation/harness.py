@@ -40,8 +40,16 @@ log = logging.getLogger(__name__)
 
 #: The ten zero-shot tasks of the paper's LM-accuracy average.
 PAPER_TASKS = (
-    "winogrande", "arc_easy", "piqa", "hellaswag", "openbookqa",
-    "arc_challenge", "mmlu", "mathqa", "race", "commonsense_qa",
+    "winogrande",
+    "arc_easy",
+    "piqa",
+    "hellaswag",
+    "openbookqa",
+    "arc_challenge",
+    "mmlu",
+    "mathqa",
+    "race",
+    "commonsense_qa",
 )
 
 
@@ -65,7 +73,9 @@ def _validate_local_task(path: Path) -> int:
             raise ValueError(f"{where}: 'choices' must be a list of at least two strings")
         gold = row.get("gold")
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-            raise ValueError(f"{where}: 'gold' must be an integer index into 'choices' (0..{len(choices) - 1}), got {gold!r}")
+            raise ValueError(
+                f"{where}: 'gold' must be an integer index into 'choices' (0..{len(choices) - 1}), got {gold!r}"
+            )
         n += 1
     if n == 0:
         raise ValueError(f"{path}: no rows")
@@ -139,8 +149,10 @@ def summarize_lm_eval_results(results: dict, tasks: Sequence[str]) -> dict:
         if entry is None:
             raise KeyError(f"lm-eval returned no results for task '{task}'")
         per_task[task] = {
-            "acc": _metric(entry, "acc"), "acc_stderr": _metric(entry, "acc_stderr"),
-            "acc_norm": _metric(entry, "acc_norm"), "acc_norm_stderr": _metric(entry, "acc_norm_stderr"),
+            "acc": _metric(entry, "acc"),
+            "acc_stderr": _metric(entry, "acc_stderr"),
+            "acc_norm": _metric(entry, "acc_norm"),
+            "acc_norm_stderr": _metric(entry, "acc_norm_stderr"),
         }
     accs = [m["acc"] for m in per_task.values() if m["acc"] is not None]
     norms = [m["acc_norm"] if m["acc_norm"] is not None else m["acc"] for m in per_task.values()]
@@ -217,9 +229,17 @@ def run_harness(
             )
             raise ValueError(f"unknown lm-eval task(s): {hints}")
 
-        config = {"model_args": _model_args(model_path, dtype), "tasks": tasks, "num_fewshot": 0,
-                  "batch_size": batch_size, "apply_chat_template": apply_chat_template, "seed": seed,
-                  "limit": limit, "device": device, "lm_eval_version": getattr(lm_eval, "__version__", None)}
+        config = {
+            "model_args": _model_args(model_path, dtype),
+            "tasks": tasks,
+            "num_fewshot": 0,
+            "batch_size": batch_size,
+            "apply_chat_template": apply_chat_template,
+            "seed": seed,
+            "limit": limit,
+            "device": device,
+            "lm_eval_version": getattr(lm_eval, "__version__", None),
+        }
         log.info("lm-eval: %s", config)
         with _quiet_git_probe():
             results = lm_eval.simple_evaluate(

@@ -58,8 +58,9 @@ def run_config(config_file: Path | None, **overrides) -> TrainConfig:
     return resolve(cfg)
 
 
-def reward_accuracy(model_dir: str | Path, cfg: TrainConfig, *, baseline: str | Path, dataset: list[str],
-                    say=print) -> dict[str, float]:
+def reward_accuracy(
+    model_dir: str | Path, cfg: TrainConfig, *, baseline: str | Path, dataset: list[str], say=print
+) -> dict[str, float]:
     """Validation loss and reward metrics (``eval_rewards/accuracies`` ...) of ``model_dir`` on ``dataset``.
 
     ``baseline`` is the reference model (the SFT model the run started from).
@@ -68,8 +69,13 @@ def reward_accuracy(model_dir: str | Path, cfg: TrainConfig, *, baseline: str | 
     tokenizer = load_tokenizer(str(model_dir))
     max_prompt_length, max_completion_length = length_limits(with_model(cfg, str(model_dir)), say=say)
     examples, report = load_preference_examples(
-        dataset, tokenizer, seed=cfg.seed, max_prompt_length=max_prompt_length,
-        max_completion_length=max_completion_length, on_bad_rows=cfg.on_bad_rows)
+        dataset,
+        tokenizer,
+        seed=cfg.seed,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
+        on_bad_rows=cfg.on_bad_rows,
+    )
     say(f"reward data: {report.summary()}")
     step = PreferenceStep.from_config(cfg, tokenizer.pad_token_id)
     if needs_reference(cfg):
@@ -80,5 +86,10 @@ def reward_accuracy(model_dir: str | Path, cfg: TrainConfig, *, baseline: str | 
     policy = load_model(with_model(cfg, str(model_dir)))
     policy.to(accelerator.device)
     metrics = evaluate_preference(step, accelerator, policy, examples)
-    return {"objective": cfg.objective, "beta": cfg.beta, "pairs": len(examples),
-            "reward_accuracy": metrics["eval_rewards/accuracies"], **metrics}
+    return {
+        "objective": cfg.objective,
+        "beta": cfg.beta,
+        "pairs": len(examples),
+        "reward_accuracy": metrics["eval_rewards/accuracies"],
+        **metrics,
+    }

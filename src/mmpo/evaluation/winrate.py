@@ -68,7 +68,8 @@ def _valid_rows(judgments: Sequence[Mapping]) -> tuple[list[Mapping], int]:
         first = next((r.get("error") for r in judgments if r.get("error")), None)
         raise WinRateError(
             f"no valid judgments out of {len(judgments)} ({n_errors} failed"
-            + (f"; first error: {first}" if first else "") + ")"
+            + (f"; first error: {first}" if first else "")
+            + ")"
         )
     return valid, n_errors
 
@@ -144,9 +145,13 @@ def length_controlled_win_rate(
 
     if all(r["output_a"] == r["output_b"] for r in valid):
         # The model *is* the baseline (AlpacaEval's ``is_baseline`` case): 50% by construction.
-        return {**base, "length_controlled_winrate": 50.0, "lc_standard_error_delta_method": 0.0,
-                "lc_variant": "length_controlled_minimal",
-                "glm_weights": {"identity": 0.0, "length": 0.0, "difficulty": 0.0}}
+        return {
+            **base,
+            "length_controlled_winrate": 50.0,
+            "lc_standard_error_delta_method": 0.0,
+            "lc_variant": "length_controlled_minimal",
+            "glm_weights": {"identity": 0.0, "length": 0.0, "difficulty": 0.0},
+        }
 
     std = delta.std(ddof=1) if len(delta) > 1 else 0.0
     length_term = np.tanh(delta / std) if std > 0 else np.zeros_like(delta)
@@ -169,8 +174,11 @@ def length_controlled_win_rate(
         "length_controlled_winrate": lc * 100,
         "lc_standard_error_delta_method": se * 100,
         "lc_variant": "length_controlled_noreg" if use_difficulty else "length_controlled_minimal",
-        "glm_weights": {"identity": float(w[0]), "length": float(w[1]),
-                        "difficulty": float(w[2]) if use_difficulty else None},
+        "glm_weights": {
+            "identity": float(w[0]),
+            "length": float(w[1]),
+            "difficulty": float(w[2]) if use_difficulty else None,
+        },
     }
 
 
@@ -193,9 +201,11 @@ def average_over_judges(results: Mapping[str, Mapping]) -> dict:
     if not results:
         raise WinRateError("average_over_judges needs at least one judge's results")
     averaged: dict = {"judges": sorted(results), "per_judge": {k: dict(v) for k, v in results.items()}}
-    for value_key, se_key in (("win_rate", "standard_error"),
-                              ("length_controlled_winrate", "lc_standard_error_delta_method"),
-                              ("length_controlled_winrate_v1", None)):
+    for value_key, se_key in (
+        ("win_rate", "standard_error"),
+        ("length_controlled_winrate", "lc_standard_error_delta_method"),
+        ("length_controlled_winrate_v1", None),
+    ):
         present = [r for r in results.values() if value_key in r]
         if len(present) != len(results):
             continue  # only average a metric every judge has

@@ -12,8 +12,17 @@ from mmpo.forward.layout import AttentionPlan
 _plain_sdpa = None
 
 
-def sdpa_or_segmented(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                       mmpo_attention_plan: AttentionPlan | None = None, **kwargs):
+def sdpa_or_segmented(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    mmpo_attention_plan: AttentionPlan | None = None,
+    **kwargs,
+):
     """transformers' sdpa attention, unchanged unless the call carries ``mmpo_attention_plan``.
 
     With a plan, each block is one ``scaled_dot_product_attention`` call on its own queries and
@@ -28,14 +37,14 @@ def sdpa_or_segmented(module, query, key, value, attention_mask, dropout=0.0, sc
     for r, blocks in enumerate(mmpo_attention_plan.rows):
         pieces = []
         for block in blocks:
-            q = query[r:r + 1, :, block.start:block.end]
-            k, v = key[r:r + 1, :, block.start:block.end], value[r:r + 1, :, block.start:block.end]
+            q = query[r : r + 1, :, block.start : block.end]
+            k, v = key[r : r + 1, :, block.start : block.end], value[r : r + 1, :, block.start : block.end]
             if block.prefix is None:
                 pieces.append(attend(q, k, v, is_causal=True))
             else:
                 start, end = block.prefix
-                k = torch.cat([key[r:r + 1, :, start:end], k], dim=2)
-                v = torch.cat([value[r:r + 1, :, start:end], v], dim=2)
+                k = torch.cat([key[r : r + 1, :, start:end], k], dim=2)
+                v = torch.cat([value[r : r + 1, :, start:end], v], dim=2)
                 pieces.append(attend(q, k, v, attn_mask=block.mask))
         filled = blocks[-1].end if blocks else 0
         if filled < query.shape[2]:  # padding: zeros, never read

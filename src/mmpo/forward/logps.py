@@ -31,8 +31,10 @@ def _warn_once(message: str) -> None:
 
 def _probe_examples(vocab_size: int) -> list[dict]:
     ids = lambda *xs: [1 + (x * 7919) % (vocab_size - 1) for x in xs]  # noqa: E731 - arbitrary in-vocab tokens
-    return [{"prompt_ids": ids(1, 2, 3, 4), "chosen_ids": ids(5, 6, 7), "rejected_ids": ids(8, 9)},
-            {"prompt_ids": ids(10, 11), "chosen_ids": ids(12), "rejected_ids": ids(13, 14, 15, 16, 17)}]
+    return [
+        {"prompt_ids": ids(1, 2, 3, 4), "chosen_ids": ids(5, 6, 7), "rejected_ids": ids(8, 9)},
+        {"prompt_ids": ids(10, 11), "chosen_ids": ids(12), "rejected_ids": ids(13, 14, 15, 16, 17)},
+    ]
 
 
 def _probe(model, options: ForwardOptions, pad_token_id: int, attention: str) -> str | None:
@@ -46,14 +48,24 @@ def _probe(model, options: ForwardOptions, pad_token_id: int, attention: str) ->
         model.eval()
         try:
             with torch.no_grad():
-                want = padded_preference_logps(model, examples, pad_token_id=pad_token_id, compute_entropy=False,
-                                                length_normalize=False)
-                got = fast_preference_logps(model, examples, options, attention, pad_token_id=pad_token_id,
-                                             compute_entropy=False, length_normalize=False)
+                want = padded_preference_logps(
+                    model, examples, pad_token_id=pad_token_id, compute_entropy=False, length_normalize=False
+                )
+                got = fast_preference_logps(
+                    model,
+                    examples,
+                    options,
+                    attention,
+                    pad_token_id=pad_token_id,
+                    compute_entropy=False,
+                    length_normalize=False,
+                )
             # float32 agrees to ~1e-6 here; 16-bit layouts differ by rounding, so only gross errors count
             tolerance = 1e-4 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 1e-1
-            close = all(torch.allclose(g.float(), w.float(), rtol=tolerance, atol=tolerance)
-                        for g, w in ((got.chosen_logps, want.chosen_logps), (got.rejected_logps, want.rejected_logps)))
+            close = all(
+                torch.allclose(g.float(), w.float(), rtol=tolerance, atol=tolerance)
+                for g, w in ((got.chosen_logps, want.chosen_logps), (got.rejected_logps, want.rejected_logps))
+            )
             results[key] = None if close else "its log-probs differ from the padded path's"
         except Exception as err:  # a model that rejects 4D masks, custom positions or extra arguments
             results[key] = f"{err.__class__.__name__}: {err}"
@@ -71,19 +83,29 @@ def choose_attention(model, options: ForwardOptions, pad_token_id: int, longest_
         _warn_once(f"sequences longer than the model's sliding window ({window}): using the padded layout")
         return "padded"
     kernel = attention_kernel(model)
-    candidates = [mode for mode, allowed in (("segmented", kernel == "sdpa" and options.segmented_attention),
-                                             ("mask", kernel in MASK_4D_KERNELS)) if allowed]
+    candidates = [
+        mode
+        for mode, allowed in (
+            ("segmented", kernel == "sdpa" and options.segmented_attention),
+            ("mask", kernel in MASK_4D_KERNELS),
+        )
+        if allowed
+    ]
     if not candidates:
-        _warn_once(f"attention kernel {kernel!r} cannot take the shared-prompt/packing layout (supported: "
-                   f"{', '.join(MASK_4D_KERNELS)}); using the padded layout")
+        _warn_once(
+            f"attention kernel {kernel!r} cannot take the shared-prompt/packing layout (supported: "
+            f"{', '.join(MASK_4D_KERNELS)}); using the padded layout"
+        )
         return "padded"
     for mode in candidates:
         reason = _probe(model, options, pad_token_id, mode)
         if reason is None:
             return mode
         fallback = "padded layout" if mode == candidates[-1] else f"{candidates[-1]!r} attention"
-        _warn_once(f"{type(unwrap_model(model)).__name__} with attention {kernel!r}: {mode!r} attention is not exact "
-                   f"for this model ({reason}); using the {fallback}")
+        _warn_once(
+            f"{type(unwrap_model(model)).__name__} with attention {kernel!r}: {mode!r} attention is not exact "
+            f"for this model ({reason}); using the {fallback}"
+        )
     return "padded"
 
 
@@ -91,12 +113,15 @@ def choose_attention(model, options: ForwardOptions, pad_token_id: int, longest_
 # Public entry points
 
 
-def fast_preference_logps(model, examples, options: ForwardOptions, attention: str, *, pad_token_id,
-                           compute_entropy, length_normalize) -> PreferenceLogps:
+def fast_preference_logps(
+    model, examples, options: ForwardOptions, attention: str, *, pad_token_id, compute_entropy, length_normalize
+) -> PreferenceLogps:
     batch = len(examples)
     if options.share_prompt and attention != "padded":
-        units = [shared_prompt_unit(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], i, batch)
-                 for i, ex in enumerate(examples)]
+        units = [
+            shared_prompt_unit(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], i, batch)
+            for i, ex in enumerate(examples)
+        ]
     else:
         rows, prompt_lengths = completion_rows(examples)
         units = [sequence_unit(row, [-100] * p + row[p:], i) for i, (row, p) in enumerate(zip(rows, prompt_lengths))]
@@ -105,13 +130,18 @@ def fast_preference_logps(model, examples, options: ForwardOptions, attention: s
     per_token = per_sequence(token_logps, layout, 2 * batch)
     sums = per_token.sum(-1)
     counts = torch.bincount(layout.sequences, minlength=2 * batch)
-    result = PreferenceLogps(chosen_logps=sums[:batch], rejected_logps=sums[batch:],
-                             chosen_lengths=counts[:batch], rejected_lengths=counts[batch:],
-                             num_tokens=layout.num_tokens)
+    result = PreferenceLogps(
+        chosen_logps=sums[:batch],
+        rejected_logps=sums[batch:],
+        chosen_lengths=counts[:batch],
+        rejected_lengths=counts[batch:],
+        num_tokens=layout.num_tokens,
+    )
     if compute_entropy:
         mask = per_sequence(torch.ones_like(token_logps), layout, 2 * batch)
-        surrogate = entropy_surrogate(per_sequence(entropy, layout, 2 * batch), per_token, mask,
-                                      length_normalize=length_normalize)
+        surrogate = entropy_surrogate(
+            per_sequence(entropy, layout, 2 * batch), per_token, mask, length_normalize=length_normalize
+        )
         result.chosen_entropy, result.rejected_entropy = surrogate[:batch], surrogate[batch:]
     return result
 
@@ -140,8 +170,9 @@ def preference_logps(
     return fast_preference_logps(model, examples, options, attention, **kwargs)
 
 
-def sft_loss(model: torch.nn.Module, examples: list[dict], *, pad_token_id: int,
-             options: ForwardOptions | None = None) -> tuple[torch.Tensor, int, int]:
+def sft_loss(
+    model: torch.nn.Module, examples: list[dict], *, pad_token_id: int, options: ForwardOptions | None = None
+) -> tuple[torch.Tensor, int, int]:
     """Mean cross-entropy over assistant tokens of a micro-batch; also (target tokens, all tokens).
 
     Without ``options`` the plain padded path; with them, packing and chunked log-probs.

@@ -9,6 +9,7 @@ import torch
 
 from mmpo.config.training import ConfigError
 
+
 @dataclass
 class PreferenceLogps:
     """Per-pair results of one forward pass over chosen and rejected completions."""
@@ -23,8 +24,10 @@ class PreferenceLogps:
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token mean log-probs (the length-normalization ablation, SimPO)."""
-        return (self.chosen_logps / self.chosen_lengths.clamp(min=1),
-                self.rejected_logps / self.rejected_lengths.clamp(min=1))
+        return (
+            self.chosen_logps / self.chosen_lengths.clamp(min=1),
+            self.rejected_logps / self.rejected_lengths.clamp(min=1),
+        )
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,9 @@ class ForwardOptions:
 
     def __post_init__(self):
         if self.logits_chunk_size < 0:
-            raise ConfigError(f"config key 'logits_chunk_size': must be >= 0 (0: no chunking) (got {self.logits_chunk_size})")
+            raise ConfigError(
+                f"config key 'logits_chunk_size': must be >= 0 (0: no chunking) (got {self.logits_chunk_size})"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> ForwardOptions:

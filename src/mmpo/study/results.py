@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from mmpo.training.run_dir import read_metrics
 from mmpo.config import ConfigError
 from mmpo.study.plan import EVENTS_FILE, PLAN_FILE, TUNING_FILE
+from mmpo.training.run_dir import read_metrics
 
 OBJECTIVE_LABELS = {"mmpo": "MMPO", "dpo": "DPO", "simpo": "SimPO", "sft": "SFT (chosen)"}
 

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmpo.training import checkpoint
-from mmpo.training.run_dir import METRICS_FILE, read_metrics
 from mmpo.config import from_dict
 from mmpo.evaluation.checkpoint_eval import EvalSettings
+from mmpo.training import checkpoint
+from mmpo.training.run_dir import METRICS_FILE, read_metrics
 
 if TYPE_CHECKING:
     from mmpo.study.plan import PlannedRun

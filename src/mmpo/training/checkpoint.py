@@ -172,8 +172,9 @@ def write_error(error: BaseException, name: str, run_dir: Path) -> OSError | Non
         low = False
     if not (by_errno or (by_words and low)):
         return None
-    return OSError(errno.ENOSPC, f"no space left on the device while writing checkpoint {name} in "
-                   f"{checkpoints_dir(run_dir)}")
+    return OSError(
+        errno.ENOSPC, f"no space left on the device while writing checkpoint {name} in {checkpoints_dir(run_dir)}"
+    )
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

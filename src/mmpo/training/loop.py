@@ -28,7 +28,6 @@ from mmpo.publish.trainer_state import hf_trainer_state
 from mmpo.training import checkpoint, run_lock
 from mmpo.training.interrupt import StopOnSignal, TrainingInterrupted, resume_command
 from mmpo.training.preflight import check_lora_targets, check_optional_packages
-from mmpo.training.setup import build_optimizer
 from mmpo.training.run_dir import (
     CONFIG_FILE,
     MODEL_DIR,
@@ -40,6 +39,7 @@ from mmpo.training.run_dir import (
     trim_metrics,
     write_config,
 )
+from mmpo.training.setup import build_optimizer
 
 MAX_CONSECUTIVE_NONFINITE = 10
 C = TypeVar("C", bound=CommonConfig)
@@ -348,8 +348,10 @@ def _stop_on_signal(cfg, accelerator: Accelerator, signum: int, step: int, saved
     if progress is not None:
         progress.close()
     name = signal.Signals(signum).name
-    message = (f"stopped by {name} after step {step}; checkpoint written: {saved or cfg.output_dir}\n"
-               f"resume with: {resume_command(cfg, cfg.output_dir, accelerator.num_processes)}")
+    message = (
+        f"stopped by {name} after step {step}; checkpoint written: {saved or cfg.output_dir}\n"
+        f"resume with: {resume_command(cfg, cfg.output_dir, accelerator.num_processes)}"
+    )
     accelerator.print(message)
     accelerator.end_training()  # trackers are closed as at a normal end
     raise TrainingInterrupted(message, signum, saved)

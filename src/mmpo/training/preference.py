@@ -19,19 +19,27 @@ from mmpo.config import ConfigError, TrainConfig, apply_preset, is_user_set, res
 from mmpo.data import examples_fingerprint, load_preference_examples
 from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps
 from mmpo.modeling import is_peft_model, load_model, load_tokenizer, model_context_length, weights_fingerprint
-from mmpo.objectives import ObjectiveOutput, chosen_nll_loss, dpo_loss, minmax_range, mmpo_loss, mmpo_prior_rewards, simpo_loss
+from mmpo.objectives import (
+    ObjectiveOutput,
+    chosen_nll_loss,
+    dpo_loss,
+    minmax_range,
+    mmpo_loss,
+    mmpo_prior_rewards,
+    simpo_loss,
+)
 from mmpo.training import refcache
 from mmpo.training.loop import (
     Recipe,
-    check_resume_data,
     RunResult,
+    check_resume_data,
     final_model_dir,
     prepare_run_dir,
     publish_final_model,
     run,
 )
-from mmpo.training.setup import init_trackers, make_accelerator, mixed_precision, settle_batch
 from mmpo.training.run_dir import RunDir
+from mmpo.training.setup import init_trackers, make_accelerator, mixed_precision, settle_batch
 
 #: Per-pair metric names (TRL's) that every preference evaluation reports.
 PAIR_METRICS = (
@@ -212,7 +220,9 @@ def reference_logps(
     refcache.attach(examples, chosen, rejected)
 
 
-def evaluate_preference(step: PreferenceStep, accelerator: Accelerator, model, examples: list[dict]) -> dict[str, float]:
+def evaluate_preference(
+    step: PreferenceStep, accelerator: Accelerator, model, examples: list[dict]
+) -> dict[str, float]:
     """Validation loss and reward metrics (TRL's names with an ``eval_`` prefix)."""
     model.eval()
     size = step.cfg.per_device_batch_size
@@ -331,7 +341,9 @@ def train(cfg: TrainConfig) -> RunResult:
         reports = {"train": train_report.to_dict(), "eval": eval_report.to_dict() if eval_report else None}
         run_dir.write_json(run_dir.data_report, reports)
     init_trackers(accelerator, cfg, "mmpo")
-    result = run(cfg, accelerator, model, tokenizer, Recipe(cfg.objective, train_examples, step, evaluate, data_checked=True))
+    result = run(
+        cfg, accelerator, model, tokenizer, Recipe(cfg.objective, train_examples, step, evaluate, data_checked=True)
+    )
     publish_final_model(cfg, accelerator, result, summarize(cfg, result))
     result.summary = summarize(cfg, result)
     if accelerator.is_main_process:

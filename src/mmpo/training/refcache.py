@@ -107,8 +107,13 @@ def _problem(state: object, ids: list[str]) -> str | None:
 def save(path: Path, ids: list[str], chosen: torch.Tensor, rejected: torch.Tensor, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     chosen, rejected = chosen.to(torch.float64).contiguous(), rejected.to(torch.float64).contiguous()
-    state = {"ids": list(ids), "chosen": chosen, "rejected": rejected, "meta": json.dumps(meta),
-             "checksum": checksum(list(ids), chosen, rejected)}
+    state = {
+        "ids": list(ids),
+        "chosen": chosen,
+        "rejected": rejected,
+        "meta": json.dumps(meta),
+        "checksum": checksum(list(ids), chosen, rejected),
+    }
     # An exclusive temporary file (nothing planted under its name is followed), then an atomic rename.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
     try:

@@ -169,8 +169,11 @@ class LogWindow:
         if not state:
             return cls()
         # Time already spent in the window counts, so tokens/s stays a rate over the whole window.
-        return cls(values={k: list(v) for k, v in state["values"].items()}, tokens=int(state["tokens"]),
-                   started=time.perf_counter() - float(state["seconds"]))
+        return cls(
+            values={k: list(v) for k, v in state["values"].items()},
+            tokens=int(state["tokens"]),
+            started=time.perf_counter() - float(state["seconds"]),
+        )
 
 
 class RunDir:
@@ -277,18 +280,26 @@ def data_record(cfg: Any, examples: list[dict], global_batch: int) -> dict[str, 
         if local.is_file():
             stat = local.stat()
             sources[spec] = {"bytes": stat.st_size, "modified_ns": stat.st_mtime_ns}
-    return {"examples": len(examples), "steps_per_epoch": len(examples) // max(global_batch, 1),
-            "fingerprint": examples_fingerprint(examples), "ids": ids, "sources": sources}
+    return {
+        "examples": len(examples),
+        "steps_per_epoch": len(examples) // max(global_batch, 1),
+        "fingerprint": examples_fingerprint(examples),
+        "ids": ids,
+        "sources": sources,
+    }
 
 
 def describe_data_change(before: dict[str, Any], now: dict[str, Any]) -> str:
     parts = []
     if before.get("examples") != now["examples"]:
-        parts.append(f"{before.get('examples')} training examples then, {now['examples']} now "
-                     f"(steps per epoch {before.get('steps_per_epoch')} -> {now['steps_per_epoch']})")
+        parts.append(
+            f"{before.get('examples')} training examples then, {now['examples']} now "
+            f"(steps per epoch {before.get('steps_per_epoch')} -> {now['steps_per_epoch']})"
+        )
     if before.get("ids") == now["ids"]:
-        parts.append("the same row ids, but their tokens differ (the rows' text, the chat template or the "
-                      "tokenizer changed)")
+        parts.append(
+            "the same row ids, but their tokens differ (the rows' text, the chat template or the tokenizer changed)"
+        )
     else:
         parts.append("rows were added, removed or renumbered")
     old_sources = before.get("sources") if isinstance(before.get("sources"), dict) else {}

@@ -84,7 +84,12 @@ def init_trackers(accelerator: Accelerator, cfg: CommonConfig, project: str) -> 
     if not accelerator.trackers and not cfg.report_to:
         return
     name = cfg.run_name or Path(cfg.output_dir).resolve().name
-    kwargs = {"wandb": {"name": name}, "mlflow": {"run_name": name}, "comet_ml": {"name": name}, "trackio": {"name": name}}
+    kwargs = {
+        "wandb": {"name": name},
+        "mlflow": {"run_name": name},
+        "comet_ml": {"name": name},
+        "trackio": {"name": name},
+    }
     accelerator.init_trackers(project, config=flat_hparams(cfg), init_kwargs=kwargs)
 
 

@@ -18,8 +18,8 @@ from mmpo.training.loop import (
     publish_final_model,
     run,
 )
-from mmpo.training.setup import init_trackers, make_accelerator, settle_batch
 from mmpo.training.preference import require_examples
+from mmpo.training.setup import init_trackers, make_accelerator, settle_batch
 
 
 def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) -> RunResult:
