@@ -54,13 +54,14 @@ def main() -> None:
     head = model.get_output_embeddings().weight.numel()
 
     order = epoch_order(len(examples), 0, 0)  # the order both trainers see the pairs in
-    first = [examples[i] for i in order[warmup * batch:(warmup + 1) * batch]]  # the first timed step
+    first = [examples[i] for i in order[warmup * batch : (warmup + 1) * batch]]  # the first timed step
 
     def step():
         model.zero_grad(set_to_none=True)
         out = preference_logps(model, first, pad_token_id=tokenizer.pad_token_id, options=ForwardOptions())
-        dpo_loss(out.chosen_logps, out.rejected_logps, out.chosen_logps.detach() - 1,
-                 out.rejected_logps.detach()).losses.mean().backward()
+        dpo_loss(
+            out.chosen_logps, out.rejected_logps, out.chosen_logps.detach() - 1, out.rejected_logps.detach()
+        ).losses.mean().backward()
 
     step()  # warm-up
     with torch.profiler.profile() as prof:
@@ -76,10 +77,12 @@ def main() -> None:
 
     ours = trl = 0.0
     for s in range(warmup, warmup + steps):
-        step_ours, step_trl = matmul_flops([examples[i] for i in order[s * batch:(s + 1) * batch]], params, head)
+        step_ours, step_trl = matmul_flops([examples[i] for i in order[s * batch : (s + 1) * batch]], params, head)
         ours, trl = ours + step_ours, trl + step_trl
-    print(f"matmul work of the {steps} timed steps: TRL DPO {trl / 1e12:.2f} TFLOP, ours {ours / 1e12:.2f} TFLOP "
-          f"(ratio {trl / ours:.2f})")
+    print(
+        f"matmul work of the {steps} timed steps: TRL DPO {trl / 1e12:.2f} TFLOP, ours {ours / 1e12:.2f} TFLOP "
+        f"(ratio {trl / ours:.2f})"
+    )
 
 
 def matmul_flops(pairs: list[dict], params: int, head: int) -> tuple[float, float]:

@@ -14,8 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import CORPUS, save_tiny_model, write_prefs  # noqa: E402
 
+from helpers import CORPUS, save_tiny_model, write_prefs  # noqa: E402
 from mmpo.world.tokenizer import train_tokenizer  # noqa: E402
 
 # Tiny models run several times faster on one thread than on two contended ones.

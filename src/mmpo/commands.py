@@ -23,6 +23,11 @@ def _console():
     return Console(stderr=True, markup=False, emoji=False, highlight=False)
 
 
+def console():
+    """The console errors and results are printed on (markup and emoji codes off)."""
+    return _console()
+
+
 def say(*objects: Any) -> None:
     _console().print(*objects)
 
@@ -45,7 +50,7 @@ def _sparkline(values: list[float]) -> str:
 
 def _dry_run(cfg: Any) -> int:
     from mmpo.dry_run import plan, render
-    from mmpo.training.loop import launched_processes
+    from mmpo.training.setup import launched_processes
 
     print(render(plan(cfg, launched_processes())))
     return 0
@@ -79,6 +84,57 @@ def run_sft(cfg: Any) -> int:
     return 0
 
 
+def run_export(args: Any) -> int:
+    from mmpo.publish.export import merge_lora, push_to_hub
+    from mmpo.publish.model_card import invocation, write_model_card
+    from mmpo.training.loop import final_model_dir
+
+    source = Path(args.source)
+    folder = final_model_dir(source) or source if source.is_dir() else source
+    if args.merge_lora:
+        out = Path(args.out or f"{source.resolve()}-merged")
+        merge_lora(folder, out, base_model=args.base_model, dtype=args.dtype)
+        saved = next(
+            (p / "config.yaml" for p in (folder, folder.parent, folder.parent.parent) if (p / "config.yaml").is_file()),
+            None,
+        )
+        if saved is not None:
+            import yaml
+
+            write_model_card(out, yaml.safe_load(saved.read_text()), command=invocation(), merged=True)
+        say(f"merged model: {out}")
+        folder = out
+    if args.push_to_hub:
+        info = push_to_hub(folder, args.push_to_hub, private=args.private)
+        say(f"pushed {folder} to {args.push_to_hub}: {info.commit_url}")
+    if not (args.merge_lora or args.push_to_hub):
+        say("nothing to do: pass --merge-lora and/or --push-to-hub REPO")
+        return 2
+    return 0
+
+
+def _fields_of(cls: type, args: Any) -> Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def run_model_import(args: Any) -> int:
+    from mmpo.gguf_models import ModelImportOptions, import_gguf
+
+    opts = _fields_of(ModelImportOptions, args)
+    result = import_gguf(opts.source, opts.output_dir, dtype=opts.dtype, overwrite=opts.overwrite)
+    say(f"imported {result.source} ({result.parameters:,} parameters) into {result.output_dir}")
+    return 0
+
+
+def run_pairs(args: Any) -> int:
+    from mmpo.pairs import PairsOptions, make_pairs, report_lines
+
+    result = make_pairs(_fields_of(PairsOptions, args), say=say)
+    for line in report_lines(result.report):
+        say(line)
+    return 0
+
+
 def run_eval(args: Any) -> int:
     from mmpo.evaluation.checkpoint_eval import EvalSettings, evaluate_checkpoint, summary_lines
 
@@ -93,13 +149,13 @@ def run_eval(args: Any) -> int:
 def run_world_build(args: WorldBuildArgs) -> int:
     import json
 
-    from mmpo.world.build import DEFAULT_OUT, build_world, generate_world_data
+    from mmpo.world.build import build_world, generate_world_data, output_folder
 
-    out = args.out or DEFAULT_OUT
     if args.data_only:
-        info = generate_world_data(out, args.seed)
+        info = generate_world_data(output_folder(args.out, args.replace_packaged), args.seed)
     else:
-        info = build_world(out, args.seed, **({"sft_epochs": args.sft_epochs} if args.sft_epochs is not None else {}))
+        extra = {"sft_epochs": args.sft_epochs} if args.sft_epochs is not None else {}
+        info = build_world(args.out, args.seed, replace_packaged=args.replace_packaged, **extra)
     print(json.dumps(info, indent=2))
     return 0
 

@@ -18,15 +18,19 @@ from mmpo.study.estimate import count_rows, estimate_gpu_memory
 def plan(cfg: CommonConfig, processes: int = 1) -> dict[str, Any]:
     """The resolved settings with their sources, data sizes, the batch layout and the step counts."""
     cfg = resolve(apply_preset(cfg))
+    lengths = None
     if isinstance(cfg, TrainConfig):
-        from mmpo.training.preference import fit_lengths
+        from mmpo.training.preference import length_limits
 
-        cfg = fit_lengths(cfg)
+        lengths = length_limits(cfg, say=lambda _message: None)
     layout = batch_layout(cfg, processes, preset_global_batch(cfg))
     origin = sources(cfg)
     if layout.accumulation != cfg.gradient_accumulation_steps:
         origin["gradient_accumulation_steps"] = "global_batch_size"
     settings = {**to_dict(cfg), "gradient_accumulation_steps": layout.accumulation}
+    if lengths and lengths != (cfg.max_prompt_length, cfg.max_completion_length):
+        settings["max_prompt_length"], settings["max_completion_length"] = lengths
+        origin["max_prompt_length"] = origin["max_completion_length"] = "model context window"
     train_rows = count_rows(cfg.dataset)
     eval_rows = count_rows(cfg.eval_dataset) if cfg.eval_dataset else 0
     memory = estimate_gpu_memory(cfg) if isinstance(cfg, TrainConfig) else None

@@ -98,7 +98,7 @@ SECTIONS: dict[str, tuple[str, list[str]]] = {
     ),
     "checkpoints": (
         "The run folder, checkpoints and resuming.",
-        ["output_dir", "save_steps", "save_total_limit", "resume", "dry_run"],
+        ["output_dir", "save_steps", "save_total_limit", "resume", "resume_allow_data_change", "dry_run"],
     ),
 }
 OTHER_SECTION = "other"

@@ -21,6 +21,7 @@ __all__ = [
     "mmpo_loss",
     "dpo_loss",
     "simpo_loss",
+    "chosen_nll_loss",
     "mmpo_prior_rewards",
     "minmax_range",
     "entropy_surrogate",
@@ -38,6 +39,9 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, float]] = {
     "mmpo": {"beta": 0.01, "chosen_reward": 0.9, "rejected_reward": 0.1},
     "dpo": {"beta": 0.1},
     "simpo": {"beta": 2.0, "gamma": 1.0},
+    # Supervised fine-tuning on the chosen answers: no temperature; beta is carried only so every
+    # objective has one (it changes nothing).
+    "sft": {"beta": 1.0},
 }
 
 
@@ -127,8 +131,11 @@ def mmpo_loss(
         raise ValueError(f"normalize must be 'minmax' or 'none', got {normalize!r}")
     logp_w, logp_l = _upcast(policy_chosen_logps, policy_rejected_logps)
     r_w, r_l = mmpo_prior_rewards(
-        ref_chosen_logps, ref_rejected_logps,
-        beta=beta, chosen_reward=chosen_reward, rejected_reward=rejected_reward,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        beta=beta,
+        chosen_reward=chosen_reward,
+        rejected_reward=rejected_reward,
     )
     r_w, r_l = r_w.to(logp_w.dtype), r_l.to(logp_w.dtype)
     if normalize == "minmax":
@@ -193,6 +200,18 @@ def simpo_loss(
     return ObjectiveOutput(losses=losses, chosen_rewards=chosen.detach(), rejected_rewards=rejected.detach())
 
 
+def chosen_nll_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor) -> ObjectiveOutput:
+    """Supervised fine-tuning on the chosen answers: ``L = -logp_w`` (the rejected answer is ignored).
+
+    The baseline default MMPO equals up to a constant: MMPO's loss with the auxiliary term is
+    ``-logp_w - rn_w`` with ``rn_w`` a constant, so both have the same gradient. Rewards are the
+    policy log-probs; its reward accuracy is ``logp_w > logp_l``.
+    """
+    _check_shapes(policy_chosen_logps, policy_rejected_logps)
+    logp_w, logp_l = _upcast(policy_chosen_logps, policy_rejected_logps)
+    return ObjectiveOutput(losses=-logp_w, chosen_rewards=logp_w.detach(), rejected_rewards=logp_l.detach())
+
+
 def entropy_surrogate(
     token_entropies: torch.Tensor,
     token_logps: torch.Tensor,
@@ -232,7 +251,7 @@ def batch_loss(
     chosen_entropy: torch.Tensor | None = None,
     rejected_entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The micro-batch loss (SPEC.md step 5): the mean of the per-pair ``losses``, minus
+    """The micro-batch loss (docs/objectives.md, MMPO step 5): the mean of the per-pair ``losses``, minus
     ``entropy_coef`` times the mean entropy surrogate over the batch's chosen and rejected
     completions (``[B]`` each, from :func:`entropy_surrogate`) when ``entropy_coef > 0``."""
     loss = losses.mean()

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from mmpo.config import ConfigError, SFTConfig, TrainConfig, from_dict, load_yaml, resolve
 from mmpo.data import DataError, load_rows, prepare_preference_examples, prepare_sft_examples
-from mmpo.training import train
 from mmpo.forward import pad_sequences
+from mmpo.training import train
 
 GOOD = {"prompt": "Repeat the word banop.", "chosen": "banop", "rejected": "I am not sure."}
 SPECIAL = ["<|end|>", "<|assistant|>", "<|user|>", "<|system|>", "<|pad|>", "\n", " ", "{{", "{%"]
@@ -47,26 +47,48 @@ def check_examples(examples: list[dict], tokenizer, *, max_prompt: int, max_comp
 text = st.one_of(st.text(max_size=30), st.sampled_from(SPECIAL), st.text(alphabet="ab <|>end", min_size=1, max_size=8))
 message = st.dictionaries(
     keys=st.sampled_from(["role", "content", "name", "tool_calls"]),
-    values=st.one_of(st.sampled_from(["user", "assistant", "system", "tool", "robot", ""]), text, st.none(),
-                     st.integers()),
-    max_size=4)
-role_message = st.builds(lambda role, content: {"role": role, "content": content},
-                         st.sampled_from(["user", "assistant", "system", "tool"]), text)
-value = st.one_of(text, st.lists(st.one_of(message, role_message), max_size=4), st.none(), st.integers(),
-                  st.floats(allow_nan=True), st.booleans(), st.binary(max_size=8),
-                  st.dictionaries(text, text, max_size=2))
+    values=st.one_of(
+        st.sampled_from(["user", "assistant", "system", "tool", "robot", ""]), text, st.none(), st.integers()
+    ),
+    max_size=4,
+)
+role_message = st.builds(
+    lambda role, content: {"role": role, "content": content},
+    st.sampled_from(["user", "assistant", "system", "tool"]),
+    text,
+)
+value = st.one_of(
+    text,
+    st.lists(st.one_of(message, role_message), max_size=4),
+    st.none(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.booleans(),
+    st.binary(max_size=8),
+    st.dictionaries(text, text, max_size=2),
+)
 random_row = st.one_of(
-    st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "system", "id", "messages", "extra"]), value,
-                    max_size=5),
-    st.none(), st.integers(), st.lists(text, max_size=3), text)
+    st.dictionaries(
+        st.sampled_from(["prompt", "chosen", "rejected", "system", "id", "messages", "extra"]), value, max_size=5
+    ),
+    st.none(),
+    st.integers(),
+    st.lists(text, max_size=3),
+    text,
+)
 words = st.text(alphabet="abcdefghijklmnop <|>.\n", min_size=1, max_size=40).filter(str.strip)
 plain_row = st.builds(lambda p, c, r: {"prompt": p, "chosen": c, "rejected": r}, words, words, words)
-chat_row = st.builds(lambda p, c, r: {"prompt": p, "chosen": c, "rejected": r},
-                     st.lists(role_message, min_size=1, max_size=3), st.lists(role_message, min_size=1, max_size=2),
-                     st.lists(role_message, min_size=1, max_size=2))
+chat_row = st.builds(
+    lambda p, c, r: {"prompt": p, "chosen": c, "rejected": r},
+    st.lists(role_message, min_size=1, max_size=3),
+    st.lists(role_message, min_size=1, max_size=2),
+    st.lists(role_message, min_size=1, max_size=2),
+)
 # Lists of mostly well-formed rows reach tokenization and truncation; mixed lists reach validation.
-rows = st.one_of(st.lists(st.one_of(plain_row, chat_row), max_size=5),
-                 st.lists(st.one_of(random_row, plain_row, chat_row), max_size=5))
+rows = st.one_of(
+    st.lists(st.one_of(plain_row, chat_row), max_size=5),
+    st.lists(st.one_of(random_row, plain_row, chat_row), max_size=5),
+)
 limits = st.tuples(st.integers(1, 40), st.integers(1, 12))
 
 
@@ -92,7 +114,8 @@ def test_random_rows_give_valid_examples_or_a_data_error(tokenizer, rows, limits
 sft_row = st.one_of(
     random_row,
     st.builds(lambda m: {"messages": m}, st.lists(st.one_of(role_message, message), max_size=4)),
-    st.builds(lambda i, o: {"instruction": i, "output": o}, value, value))
+    st.builds(lambda i, o: {"instruction": i, "output": o}, value, value),
+)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -123,28 +146,42 @@ BAD_ROWS = [
     ("NaN (a pandas missing value)", {**GOOD, "prompt": math.nan}, "column 'prompt' must be a string, got float"),
     ("message is a string", {**GOOD, "chosen": ["banop"]}, "column 'chosen' message 0 is a str, not a dict"),
     ("message without a role", {**GOOD, "chosen": [{"content": "a"}]}, "message 0 has no 'role'"),
-    ("content as parts (multimodal)", {**GOOD, "chosen": [{"role": "assistant", "content": [{"type": "text"}]}]},
-     "message 0 has no string 'content'"),
+    (
+        "content as parts (multimodal)",
+        {**GOOD, "chosen": [{"role": "assistant", "content": [{"type": "text"}]}]},
+        "message 0 has no string 'content'",
+    ),
     ("empty prompt", {**GOOD, "prompt": ""}, "column 'prompt' is empty"),
     ("whitespace-only completion", {**GOOD, "rejected": "  \n"}, "column 'rejected' is empty"),
     ("empty message list", {**GOOD, "chosen": []}, "column 'chosen' is an empty message list"),
     ("chosen == rejected", {**GOOD, "rejected": GOOD["chosen"]}, "'chosen' and 'rejected' are identical"),
-    ("completion ends with a user turn",
-     {**GOOD, "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
-     "must end with an assistant message"),
+    (
+        "completion ends with a user turn",
+        {**GOOD, "chosen": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
+        "must end with an assistant message",
+    ),
     ("unknown role", {**GOOD, "chosen": [{"role": "robot", "content": "a"}]}, "last message has role 'robot'"),
     ("system column not text", {**GOOD, "system": 5}, "column 'system' must be a string, got int"),
-    ("prompt contradicts the conversations",
-     {"prompt": "Other question", "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]},
-     "column 'prompt' does not match the last user turn"),
-    pytest.param("lone surrogate (a JSON \\ud800 escape)", {**GOOD, "chosen": "ban\ud800op"},
-                 "column 'chosen' is not valid Unicode: lone surrogate '\\ud800' at character 3"),
+    (
+        "prompt contradicts the conversations",
+        {
+            "prompt": "Other question",
+            "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}],
+        },
+        "column 'prompt' does not match the last user turn",
+    ),
+    pytest.param(
+        "lone surrogate (a JSON \\ud800 escape)",
+        {**GOOD, "chosen": "ban\ud800op"},
+        "column 'chosen' is not valid Unicode: lone surrogate '\\ud800' at character 3",
+    ),
 ]
 
 
-@pytest.mark.parametrize("case, row, fragment", BAD_ROWS, ids=[
-    case.values[0] if hasattr(case, "values") else case[0] for case in BAD_ROWS])
+@pytest.mark.parametrize(
+    "case, row, fragment", BAD_ROWS, ids=[case.values[0] if hasattr(case, "values") else case[0] for case in BAD_ROWS]
+)
 def test_bad_row_gets_one_data_error_naming_row_and_column(tokenizer, case, row, fragment):
     with pytest.raises(DataError) as error:
         prepare_preference_examples([dict(GOOD), row], tokenizer)
@@ -192,22 +229,36 @@ LINE = json.dumps(GOOD).encode() + b"\n"
 
 BAD_FILES = [
     ("bad.jsonl", LINE + b'{"prompt": "Hi", "chosen": "a"\n', "line 2 is not valid JSON"),
-    ("latin1.jsonl", LINE + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
-     "'utf-8' codec can't decode byte 0xe9"),
-    ("bom.jsonl", b"\xef\xbb\xbf" + LINE, "line 1 is not valid JSON (Unexpected UTF-8 BOM"),
+    (
+        "latin1.jsonl",
+        LINE + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
+        "line 2 is not valid UTF-8 (byte 0xe9 at column 16)",
+    ),
+    ("latin1.json", b"[" + LINE + b', {"prompt": "caf\xe9"}]', "line 2 is not valid UTF-8 (byte 0xe9 at column 18)"),
     ("rows.txt", LINE, "unsupported file type '.txt'"),
     ("broken.parquet", b"PAR1 not really", "cannot read .parquet file"),
     ("scalar.json", b'"hello"', "expected a JSON array of rows, got str"),
 ]
 
 
-@pytest.mark.parametrize("name, content, fragment", [
-    *[pytest.param(*case, id=case[0]) for case in BAD_FILES],
-    pytest.param("array.jsonl", LINE + b"[1, 2]\n", "line 2 is a JSON list, not an object of columns",
-                 id="line that is not an object"),
-    pytest.param("array.json", b"[" + LINE + b", 5]", "row 1 is a JSON int, not an object of columns",
-                 id="array element that is not an object"),
-])
+@pytest.mark.parametrize(
+    "name, content, fragment",
+    [
+        *[pytest.param(*case, id=case[0]) for case in BAD_FILES],
+        pytest.param(
+            "array.jsonl",
+            LINE + b"[1, 2]\n",
+            "line 2 is a JSON list, not an object of columns",
+            id="line that is not an object",
+        ),
+        pytest.param(
+            "array.json",
+            b"[" + LINE + b", 5]",
+            "row 1 is a JSON int, not an object of columns",
+            id="array element that is not an object",
+        ),
+    ],
+)
 def test_bad_file_gets_a_data_error_naming_the_file(tmp_path, name, content, fragment):
     with pytest.raises(DataError) as error:
         load(tmp_path, name, content)
@@ -219,8 +270,13 @@ def test_empty_training_file_stops_before_the_model_is_loaded(tmp_path, tiny_mod
 
     (tmp_path / "empty.jsonl").write_text("")
     monkeypatch.setattr(preference, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    cfg = TrainConfig(model=str(tiny_model_dir), dataset=(str(tmp_path / "empty.jsonl"),), eval_dataset=(),
-                      output_dir=str(tmp_path / "run"), progress=False)
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        dataset=(str(tmp_path / "empty.jsonl"),),
+        eval_dataset=(),
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+    )
     with pytest.raises(ConfigError, match="no usable training examples: preference data: 0 rows in"):
         train(cfg)
 
@@ -240,8 +296,10 @@ GEN = "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 NOT_ASSISTANT = "{% if m['role'] != 'assistant' %}"
 OPEN_ASSISTANT = "{% for m in messages %}" + ROLE + NOT_ASSISTANT + "<|end|>{% endif %}{% endfor %}" + GEN
 DROPS_ASSISTANT = "{% for m in messages %}" + NOT_ASSISTANT + ROLE + "<|end|>{% endif %}{% endfor %}" + GEN
-NO_SYSTEM = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-             "{% endif %}" + ROLE + "<|end|>{% endfor %}" + GEN)
+NO_SYSTEM = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}" + ROLE + "<|end|>{% endfor %}" + GEN
+)
 NO_GENERATION_PROMPT = "{% for m in messages %}" + ROLE + "<|end|>{% endfor %}"
 
 
@@ -252,8 +310,10 @@ def test_tokenizer_without_chat_template_is_refused(tokenizer):
 
 def test_template_that_raises_names_the_row(tokenizer):
     with pytest.raises(DataError, match="row 'd:train:1': the chat template failed on this conversation: System role"):
-        prepare_preference_examples([dict(GOOD, id="d:train:0"), dict(GOOD, id="d:train:1", system="Be brief.")],
-                                    with_template(tokenizer, NO_SYSTEM))
+        prepare_preference_examples(
+            [dict(GOOD, id="d:train:0"), dict(GOOD, id="d:train:1", system="Be brief.")],
+            with_template(tokenizer, NO_SYSTEM),
+        )
 
 
 def model_with_template(tmp_path: Path, tiny_model_dir: Path, template: str) -> Path:
@@ -272,8 +332,13 @@ def test_template_that_drops_assistant_turns_leaves_no_examples_and_stops_the_ru
     assert examples == [] and report.dropped == {"empty_completion": 1}
     model_dir = model_with_template(tmp_path, tiny_model_dir, DROPS_ASSISTANT)
     (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
-    cfg = TrainConfig(model=str(model_dir), dataset=(str(tmp_path / "train.jsonl"),), eval_dataset=(),
-                      output_dir=str(tmp_path / "run"), progress=False)
+    cfg = TrainConfig(
+        model=str(model_dir),
+        dataset=(str(tmp_path / "train.jsonl"),),
+        eval_dataset=(),
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+    )
     with pytest.raises(ConfigError, match="no usable training examples.*1 empty_completion"):
         train(cfg)
 
@@ -290,16 +355,23 @@ def test_template_that_does_not_close_the_assistant_turn_is_refused(tokenizer):
     with pytest.raises(DataError, match="does not end the assistant turn"):
         prepare_preference_examples([GOOD], with_template(tokenizer, OPEN_ASSISTANT))
     with pytest.raises(DataError, match="does not end the assistant turn"):
-        prepare_sft_examples([{"prompt": GOOD["prompt"], "completion": GOOD["chosen"]}],
-                             with_template(tokenizer, OPEN_ASSISTANT))
+        prepare_sft_examples(
+            [{"prompt": GOOD["prompt"], "completion": GOOD["chosen"]}], with_template(tokenizer, OPEN_ASSISTANT)
+        )
 
 
 def test_chat_template_path_replaces_the_tokenizers_template(tmp_path, tiny_model_dir):
     """The way out the error above names: --chat-template-path, applied before the data is read."""
     model_dir = model_with_template(tmp_path, tiny_model_dir, OPEN_ASSISTANT)
     (tmp_path / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
-    common = dict(model=str(model_dir), dataset=(str(tmp_path / "train.jsonl"),), eval_dataset=(), max_steps=1,
-                  per_device_batch_size=1, progress=False)
+    common = dict(
+        model=str(model_dir),
+        dataset=(str(tmp_path / "train.jsonl"),),
+        eval_dataset=(),
+        max_steps=1,
+        per_device_batch_size=1,
+        progress=False,
+    )
     with pytest.raises(DataError, match="does not end the assistant turn"):
         train(TrainConfig(output_dir=str(tmp_path / "open"), **common))
     fixed = tmp_path / "closed.jinja"
@@ -326,25 +398,46 @@ BAD_CONFIGS = [  # (test id, YAML values, expected message)
     ("accumulation=0", {"gradient_accumulation_steps": 0}, "config key 'gradient_accumulation_steps': must be >= 1"),
     ("warmup_ratio=1", {"warmup_ratio": 1.0}, "config key 'warmup_ratio': must be in [0, 1)"),
     ("max_grad_norm<0", {"max_grad_norm": -1}, "config key 'max_grad_norm': must be >= 0"),
-    ("chosen_reward<=rejected_reward", {"chosen_reward": 0.1, "rejected_reward": 0.9},
-     "MMPO needs chosen_reward > rejected_reward"),
+    (
+        "chosen_reward<=rejected_reward",
+        {"chosen_reward": 0.1, "rejected_reward": 0.9},
+        "MMPO needs chosen_reward > rejected_reward",
+    ),
     ("max_prompt_length=0", {"max_prompt_length": 0}, "config key 'max_prompt_length': must be >= 1"),
-    ("report_to=neptune", {"report_to": ["neptune"]},
-     "config key 'report_to': trackers are tensorboard, wandb, mlflow"),
+    (
+        "report_to=neptune",
+        {"report_to": ["neptune"]},
+        "config key 'report_to': trackers are tensorboard, wandb, mlflow",
+    ),
     ("dataset=[]", {"dataset": []}, "config key 'dataset': needs at least one dataset"),
 ]
 CONFIG_GAPS = [  # wrong types, unknown choices, non-finite numbers
-    {"beta": "0.1"}, {"epochs": "3"}, {"per_device_batch_size": 2.5}, {"resume": "yes"}, {"objective": "ppo"},
-    {"normalize": "zscore"}, {"normalize_scope": "global"}, {"dtype": "float8"}, {"optimizer": "sgd"},
-    {"on_bad_rows": "ignore"}, {"beta": math.inf}, {"gamma": math.nan},
+    {"beta": "0.1"},
+    {"epochs": "3"},
+    {"per_device_batch_size": 2.5},
+    {"resume": "yes"},
+    {"objective": "ppo"},
+    {"normalize": "zscore"},
+    {"normalize_scope": "global"},
+    {"dtype": "float8"},
+    {"optimizer": "sgd"},
+    {"on_bad_rows": "ignore"},
+    {"beta": math.inf},
+    {"gamma": math.nan},
 ]
 
 
-@pytest.mark.parametrize("values, fragment", [
-    *[pytest.param(values, fragment, id=case) for case, values, fragment in BAD_CONFIGS],
-    *[pytest.param(values, f"config key '{key}'", id=f"type-{key}={value!r}")
-      for values in CONFIG_GAPS for key, value in values.items()],
-])
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        *[pytest.param(values, fragment, id=case) for case, values, fragment in BAD_CONFIGS],
+        *[
+            pytest.param(values, f"config key '{key}'", id=f"type-{key}={value!r}")
+            for values in CONFIG_GAPS
+            for key, value in values.items()
+        ],
+    ],
+)
 def test_bad_config_value_is_a_config_error_naming_the_key(values, fragment):
     with pytest.raises(ConfigError) as error:
         resolve(from_dict(TrainConfig, values, source="run.yaml"))

@@ -44,7 +44,9 @@ def chatty_model(tiny_model_dir):
 
 def reference_tokens(model, tokenizer, instruction, max_new_tokens):
     """Greedy continuation of one unpadded chat prompt, by hand."""
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=False
+    )
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         for _ in range(max_new_tokens):
@@ -54,8 +56,12 @@ def reference_tokens(model, tokenizer, instruction, max_new_tokens):
 
 
 def test_greedy_outputs_match_unbatched_decoding_and_are_deterministic(chatty_model, tokenizer):
-    batched = generate_outputs(chatty_model, tokenizer, INSTRUCTIONS, generator_name="tiny", max_new_tokens=12, batch_size=3)
-    single = generate_outputs(chatty_model, tokenizer, INSTRUCTIONS, generator_name="tiny", max_new_tokens=12, batch_size=1)
+    batched = generate_outputs(
+        chatty_model, tokenizer, INSTRUCTIONS, generator_name="tiny", max_new_tokens=12, batch_size=3
+    )
+    single = generate_outputs(
+        chatty_model, tokenizer, INSTRUCTIONS, generator_name="tiny", max_new_tokens=12, batch_size=1
+    )
     assert batched == single  # left padding: a row's output does not depend on its batch mates
     assert [r["instruction"] for r in batched] == INSTRUCTIONS  # original order restored
     assert len({r["output"] for r in batched}) == len(INSTRUCTIONS)
@@ -71,8 +77,9 @@ def test_generation_stops_at_an_end_of_turn_token(chatty_model, tokenizer):
     original = chatty_model.generation_config.eos_token_id
     chatty_model.generation_config.eos_token_id = [tokenizer.eos_token_id, stop]
     try:
-        records = generate_outputs(chatty_model, tokenizer, INSTRUCTIONS[:2], generator_name="tiny",
-                                   max_new_tokens=12, batch_size=2)
+        records = generate_outputs(
+            chatty_model, tokenizer, INSTRUCTIONS[:2], generator_name="tiny", max_new_tokens=12, batch_size=2
+        )
     finally:
         chatty_model.generation_config.eos_token_id = original
     cut = full[: full.index(stop)]
@@ -105,11 +112,16 @@ def test_lora_adapter_folder(tiny_model_dir, tokenizer, tmp_path):
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     torch.manual_seed(0)
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"],
-                                           init_lora_weights=False))
+    lora = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    )
     lora.save_pretrained(tmp_path / "adapter")  # no tokenizer files: it comes from the base folder
-    expected = generate_outputs(lora.merge_and_unload(), tokenizer, INSTRUCTIONS[:3], generator_name="x", max_new_tokens=6)
-    from_folder = generate_outputs(str(tmp_path / "adapter"), None, INSTRUCTIONS[:3], generator_name="x", max_new_tokens=6)
+    expected = generate_outputs(
+        lora.merge_and_unload(), tokenizer, INSTRUCTIONS[:3], generator_name="x", max_new_tokens=6
+    )
+    from_folder = generate_outputs(
+        str(tmp_path / "adapter"), None, INSTRUCTIONS[:3], generator_name="x", max_new_tokens=6
+    )
     plain = generate_outputs(str(tiny_model_dir), None, INSTRUCTIONS[:3], generator_name="x", max_new_tokens=6)
     assert from_folder == expected
     assert from_folder != plain  # the adapter was applied
@@ -126,7 +138,9 @@ def test_bad_inputs_fail_clearly(chatty_model, tokenizer):
 
 def test_load_instructions_from_files(tmp_path):
     jsonl = tmp_path / "prompts.jsonl"
-    jsonl.write_text('{"instruction": "a", "dataset": "d1"}\n\n{"instruction": "b", "output": "ref", "generator": "gpt4"}\n')
+    jsonl.write_text(
+        '{"instruction": "a", "dataset": "d1"}\n\n{"instruction": "b", "output": "ref", "generator": "gpt4"}\n'
+    )
     assert load_instructions(jsonl) == [{"instruction": "a", "dataset": "d1"}, {"instruction": "b"}]
     as_json = tmp_path / "prompts.json"
     as_json.write_text(json.dumps([{"prompt": "x"}, "y"]))

@@ -13,9 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mmpo.evaluation.harness import _model_args, run_harness, write_local_task_yamls
 
 QUERIES = [
-    "The quick brown fox jumps over the lazy dog. Next:", "What is the first letter of zorbat?",
-    "Repeat the word banop please.", "Hello there! How are you today?", "I am not sure about that, sorry.",
-    "Which word is longer?", "0123456789", "Let me think about it.",
+    "The quick brown fox jumps over the lazy dog. Next:",
+    "What is the first letter of zorbat?",
+    "Repeat the word banop please.",
+    "Hello there! How are you today?",
+    "I am not sure about that, sorry.",
+    "Which word is longer?",
+    "0123456789",
+    "Let me think about it.",
 ]
 
 
@@ -74,12 +79,18 @@ def write_tasks(folder, model_dir) -> dict:
     return {name: hits / len(QUERIES) for name, hits in norm_hits.items()}
 
 
-def test_lm_eval_runs_local_tasks_on_the_tiny_model(opinionated_model_dir, tmp_path):
+def test_lm_eval_runs_local_tasks_on_the_tiny_model(opinionated_model_dir, tmp_path, monkeypatch, capfd):
     expected_norm = write_tasks(tmp_path / "tasks", opinionated_model_dir)
-    result = run_harness(str(opinionated_model_dir), ["favourite", "least"], local_tasks_dir=tmp_path / "tasks", batch_size=4)
+    monkeypatch.chdir(tmp_path)  # outside any git repository: lm-eval's git probe must stay quiet
+    result = run_harness(
+        str(opinionated_model_dir), ["favourite", "least"], local_tasks_dir=tmp_path / "tasks", batch_size=4
+    )
+    assert "not a git repository" not in capfd.readouterr().err
     favourite, least = result["tasks"]["favourite"], result["tasks"]["least"]
     assert (favourite["acc"], least["acc"]) == (1.0, 0.0)
-    assert (favourite["acc_norm"], least["acc_norm"]) == pytest.approx((expected_norm["favourite"], expected_norm["least"]))
+    assert (favourite["acc_norm"], least["acc_norm"]) == pytest.approx(
+        (expected_norm["favourite"], expected_norm["least"])
+    )
     assert result["average_acc"] == pytest.approx(0.5)
     assert result["average_acc_norm"] == pytest.approx((favourite["acc_norm"] + least["acc_norm"]) / 2)
     assert favourite["acc_stderr"] == 0.0 and least["acc_norm_stderr"] is not None
@@ -90,8 +101,10 @@ def test_lm_eval_applies_a_lora_adapter_folder(opinionated_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(opinionated_model_dir),
-                          LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(opinionated_model_dir),
+        LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
     lora.save_pretrained(tmp_path / "adapter")
     merged = tmp_path / "merged"
     lora.merge_and_unload().save_pretrained(merged)
@@ -124,11 +137,14 @@ def test_local_task_yamls(tmp_path):
     assert data_file == str((tasks / "toy.jsonl").resolve()) and data_file.startswith("/")
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"query": "Q?", "choices": ["a", "b"], "gold": 2}, "'gold' must be an integer index"),
-    ({"query": "Q?", "choices": ["a"], "gold": 0}, "'choices' must be a list of at least two strings"),
-    ({"question": "Q?", "choices": ["a", "b"], "gold": 0}, "'query' must be a string"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"query": "Q?", "choices": ["a", "b"], "gold": 2}, "'gold' must be an integer index"),
+        ({"query": "Q?", "choices": ["a"], "gold": 0}, "'choices' must be a list of at least two strings"),
+        ({"question": "Q?", "choices": ["a", "b"], "gold": 0}, "'query' must be a string"),
+    ],
+)
 def test_bad_local_task_rows_are_named(tmp_path, row, message):
     tasks = tmp_path / "tasks"
     tasks.mkdir()

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from judge_server import FakeJudgeServer, openai_reply
 
 from mmpo.evaluation.judges import (
     AnthropicJudge,
@@ -19,54 +17,12 @@ from mmpo.evaluation.judges import (
     MissingAPIKeyError,
     OpenAIJudge,
     ProgrammaticJudge,
-    judge_pairs,
 )
+from mmpo.evaluation.judging import judge_pairs
 from mmpo.evaluation.winrate import win_rate
 
 SECRET = "sk-test-very-secret-key-123"
 FAST = {"backoff_base": 0.001, "max_backoff": 0.01}
-
-
-class FakeJudgeServer:
-    """A real HTTP server; ``respond(path, body, headers) -> (status, headers, body)`` is set per test."""
-
-    def __init__(self):
-        self.requests: list[dict] = []
-        self.lock = threading.Lock()
-        self.respond = lambda path, body, headers: (500, {}, "no responder set")
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                body = json.loads(raw)
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with server.lock:
-                    server.requests.append({"path": self.path, "body": body, "headers": headers})
-                status, extra_headers, payload = server.respond(self.path, body, headers)
-                data = payload.encode() if isinstance(payload, str) else json.dumps(payload).encode()
-                self.send_response(status)
-                for key, value in extra_headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-        self.thread.start()
-
-    @property
-    def calls(self) -> int:
-        return len(self.requests)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -84,20 +40,12 @@ def api_keys(monkeypatch):
 
 def shown_outputs(prompt: str) -> tuple[str, str]:
     """The outputs labelled m and M in a rendered judge prompt."""
-    first, second = re.findall(r'"output": """(.*?)"""', prompt, flags=re.S)
+    first, second = re.findall(r'"output": """(.*?)"""', prompt, flags=re.DOTALL)
     return first, second
 
 
 def user_prompt(body: dict) -> str:
     return next(m["content"] for m in body["messages"] if m["role"] == "user")
-
-
-def openai_reply(content: str, top: list[tuple[str, float]] | None = None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "length"}
-    if top is not None:
-        choice["logprobs"] = {"content": [{"token": content, "logprob": math.log(top[0][1]),
-                                           "top_logprobs": [{"token": t, "logprob": math.log(p)} for t, p in top]}]}
-    return {"id": "x", "object": "chat.completion", "choices": [choice]}
 
 
 def records(outputs: list[str], generator: str, instructions: list[str] | None = None) -> list[dict]:
@@ -109,7 +57,11 @@ def records(outputs: list[str], generator: str, instructions: list[str] | None =
 
 
 def test_openai_judge_weights_the_two_labels_by_probability(server):
-    server.respond = lambda path, body, headers: (200, {}, openai_reply("m", [("m", 0.6), ("M", 0.2), ("x", 0.1), (" m", 0.1)]))
+    server.respond = lambda path, body, headers: (
+        200,
+        {},
+        openai_reply("m", [("m", 0.6), ("M", 0.2), ("x", 0.1), (" m", 0.1)]),
+    )
     judge = OpenAIJudge("gpt-4o-mini-2024-07-18", base_url=server.url + "/v1")
     verdict = judge.judge("Say hi", "hi", "hello")
     assert verdict.preference == pytest.approx(0.7 / 0.9)  # "m" and " m" both count for the first output
@@ -118,17 +70,48 @@ def test_openai_judge_weights_the_two_labels_by_probability(server):
     assert request["path"] == "/v1/chat/completions"
     assert request["headers"]["authorization"] == f"Bearer {SECRET}"
     body = request["body"]
-    assert (body["logprobs"], body["top_logprobs"], body["max_tokens"], body["model"]) == (True, 5, 1, "gpt-4o-mini-2024-07-18")
+    assert (body["logprobs"], body["top_logprobs"], body["max_tokens"], body["model"]) == (
+        True,
+        5,
+        1,
+        "gpt-4o-mini-2024-07-18",
+    )
     assert shown_outputs(user_prompt(body)) == ("hi", "hello")
     assert "Say hi" in user_prompt(body)
 
 
-def test_openai_judge_falls_back_to_the_text_without_logprobs(server):
-    replies = iter([openai_reply("M"), openai_reply("m", [("yes", 0.9), ("no", 0.1)])])
+def test_weighted_judge_without_logprobs_is_a_failure_retried_on_rerun(server, tmp_path):
+    replies = iter(
+        [
+            openai_reply("M"),
+            openai_reply("m", [("yes", 0.9), ("no", 0.1)]),
+            openai_reply("m", [("m", 0.75), ("M", 0.25)]),
+        ]
+    )
     server.respond = lambda path, body, headers: (200, {}, next(replies))
     judge = OpenAIJudge("m1", base_url=server.url)
-    assert judge.judge("q", "a", "b").preference == 0.0  # "M": the second output wins
-    assert judge.judge("q", "a", "b").preference == 1.0  # log-probs without either label: read the text
+    for _ in range(2):  # no log-probs at all, then log-probs without either label: never a hard 0/1
+        verdict = judge.judge("q", "a", "b")
+        assert verdict.preference is None and "no log-probs" in verdict.error
+    cache = tmp_path / "cache.jsonl"
+    replies = iter([openai_reply("M"), openai_reply("m", [("m", 0.75), ("M", 0.25)])])
+    first = judge_pairs(judge, records(["a"], "model"), records(["b"], "sft"), cache_path=cache, seed=3, **FAST)
+    assert first[0]["preference"] is None and not cache.exists()  # the failure is not cached...
+    second = judge_pairs(judge, records(["a"], "model"), records(["b"], "sft"), cache_path=cache, seed=3, **FAST)
+    assert second[0]["preference"] == pytest.approx(0.25 if second[0]["flipped"] else 0.75)  # ...so a rerun asks again
+    binary = OpenAIJudge("m1", base_url=server.url, use_logprobs=False)
+    replies = iter([openai_reply("M")])
+    assert binary.judge("q", "a", "b").preference == 0.0  # the binary judge reads the text: "M", the second wins
+    assert binary.name == "openai-binary:m1" and judge.name == "openai:m1"
+
+
+def test_identical_outputs_are_a_tie_without_a_call(server):
+    server.respond = lambda path, body, headers: (200, {}, openai_reply("m", [("m", 0.9), ("M", 0.1)]))
+    judge = OpenAIJudge("m1", base_url=server.url)
+    rows = judge_pairs(judge, records(["same", "mine"], "model"), records(["same", "other"], "sft"), **FAST)
+    assert rows[0]["preference"] == 0.5 and rows[0]["identical"] and rows[0]["error"] is None
+    assert server.calls == 1 and "same" not in user_prompt(server.requests[0]["body"])
+    assert rows[1]["preference"] == pytest.approx(0.1 if rows[1]["flipped"] else 0.9)
 
 
 def test_malformed_replies_are_recorded_as_errors_and_excluded(server):
@@ -142,10 +125,12 @@ def test_malformed_replies_are_recorded_as_errors_and_excluded(server):
 
     server.respond = respond
     judge = OpenAIJudge("m1", base_url=server.url)
-    rows = judge_pairs(judge, records(["garbled a", "notjson b", "fine c"], "model"), records(["x", "y", "z"], "sft"), **FAST)
+    rows = judge_pairs(
+        judge, records(["garbled a", "notjson b", "fine c"], "model"), records(["x", "y", "z"], "sft"), **FAST
+    )
     garbled, notjson, fine = rows
     assert garbled["preference"] is None
-    assert "malformed reply" in garbled["error"] and "first one" in garbled["raw"]
+    assert "no log-probs" in garbled["error"] and "first one" in garbled["raw"]
     assert notjson["preference"] is None and "not JSON" in notjson["error"]
     assert fine["error"] is None and fine["preference"] == pytest.approx(0.1 if fine["flipped"] else 0.9)
     summary = win_rate(rows)
@@ -154,9 +139,13 @@ def test_malformed_replies_are_recorded_as_errors_and_excluded(server):
 
 
 def test_rate_limit_is_retried_honouring_retry_after(server):
-    replies = iter([(429, {"Retry-After": "0"}, {"error": {"message": "slow down"}}),
-                    (503, {}, "overloaded"),
-                    (200, {}, openai_reply("m", [("m", 0.8), ("M", 0.2)]))])
+    replies = iter(
+        [
+            (429, {"Retry-After": "0"}, {"error": {"message": "slow down"}}),
+            (503, {}, "overloaded"),
+            (200, {}, openai_reply("m", [("m", 0.8), ("M", 0.2)])),
+        ]
+    )
     server.respond = lambda path, body, headers: next(replies)
     judge = OpenAIJudge("m1", base_url=server.url)
     rows = judge_pairs(judge, records(["good"], "model"), records(["bad"], "sft"), max_retries=5, **FAST)
@@ -249,8 +238,13 @@ def test_api_key_never_leaks_into_repr_or_errors(server):
 
 
 def anthropic_reply(text: str) -> dict:
-    return {"id": "msg", "type": "message", "role": "assistant", "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn"}
+    return {
+        "id": "msg",
+        "type": "message",
+        "role": "assistant",
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+    }
 
 
 def test_anthropic_judge_binary_verdicts_and_headers(server):
@@ -264,20 +258,26 @@ def test_anthropic_judge_binary_verdicts_and_headers(server):
     assert judge.judge("q", "short", "longer answer").preference == 0.0
     request = server.requests[0]
     assert request["path"] == "/v1/messages"
-    assert request["headers"]["x-api-key"] == SECRET
-    assert request["headers"]["anthropic-version"] == "2023-06-01"
+    assert SECRET in request["headers"].get("x-api-key", request["headers"].get("authorization", ""))
+    assert request["headers"]["anthropic-version"]  # the SDK's API version
     assert request["body"]["model"] == "claude-haiku-4-5-20251001"
     assert "system" in request["body"] and request["body"]["max_tokens"] >= 1
 
 
 def test_anthropic_overload_retry_and_malformed_text(server):
-    replies = iter([(529, {}, {"type": "error", "error": {"type": "overloaded_error"}}),
-                    (200, {}, anthropic_reply("M")),
-                    (200, {}, anthropic_reply("Both are fine.")),
-                    (200, {}, {"type": "message", "content": "oops"})])
+    replies = iter(
+        [
+            (529, {}, {"type": "error", "error": {"type": "overloaded_error"}}),
+            (200, {}, anthropic_reply("M")),
+            (200, {}, anthropic_reply("Both are fine.")),
+            (200, {}, {"type": "message", "content": "oops"}),
+        ]
+    )
     server.respond = lambda path, body, headers: next(replies)
     judge = AnthropicJudge("c", base_url=server.url)
-    rows = judge_pairs(judge, records(["a", "b", "c"], "model"), records(["x", "y", "z"], "sft"), max_concurrency=1, **FAST)
+    rows = judge_pairs(
+        judge, records(["a", "b", "c"], "model"), records(["x", "y", "z"], "sft"), max_concurrency=1, **FAST
+    )
     assert server.calls == 4
     assert rows[0]["preference"] == (1.0 if rows[0]["flipped"] else 0.0)
     assert rows[1]["preference"] is None and "expected 'm' or 'M'" in rows[1]["error"]
@@ -332,9 +332,11 @@ def test_programmatic_judge_grades_from_example_metadata():
     def grade(example, output):
         return int(output.strip() == example["answer"])
 
-    model = [{"instruction": "first letter of zorbat?", "output": "z", "answer": "z", "generator": "m"},
-             {"instruction": "first letter of mipo?", "output": "q", "answer": "m", "generator": "m"},
-             {"instruction": "repeat banop", "output": "banop", "answer": "banop", "generator": "m"}]
+    model = [
+        {"instruction": "first letter of zorbat?", "output": "z", "answer": "z", "generator": "m"},
+        {"instruction": "first letter of mipo?", "output": "q", "answer": "m", "generator": "m"},
+        {"instruction": "repeat banop", "output": "banop", "answer": "banop", "generator": "m"},
+    ]
     sft = [{"instruction": r["instruction"], "output": o, "generator": "s"} for r, o in zip(model, ["x", "m", "banop"])]
     rows = judge_pairs(ProgrammaticJudge(grade), model, sft)
     assert [r["preference"] for r in rows] == [1.0, 0.0, 0.5]
@@ -348,3 +350,17 @@ def test_pairs_must_line_up():
         judge_pairs(QualityJudge(), records(["a", "b"], "m"), records(["c"], "s"))
     with pytest.raises(ValueError, match=r"records_b\[0\] needs a string 'output'"):
         judge_pairs(QualityJudge(), records(["a"], "m"), [{"instruction": "instruction 0"}])
+
+
+def test_base_urls_come_from_the_environment(server, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+    monkeypatch.setenv("OPENAI_BASE_URL", server.url + "/v1")
+
+    def respond(path, body, headers):
+        return 200, {}, anthropic_reply("m") if path == "/v1/messages" else openai_reply("m", [("m", 0.6), ("M", 0.4)])
+
+    server.respond = respond
+    assert AnthropicJudge("c").judge("q", "a", "b").preference == 1.0
+    assert OpenAIJudge("g").judge("q", "a", "b").preference == pytest.approx(0.6)
+    assert [r["path"] for r in server.requests] == ["/v1/messages", "/v1/chat/completions"]
+    assert server.url in AnthropicJudge("c").identity  # the cache knows which endpoint answered

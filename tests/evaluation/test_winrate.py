@@ -25,8 +25,10 @@ def synthetic_judgments(n, *, quality, length_effect, model_length_ratio, binary
     logits = quality + length_effect * np.tanh(delta / delta.std(ddof=1)) + difficulty_effect * difficulty
     p = expit(logits)
     prefs = (rng.random(n) < p).astype(float) if binary else p
-    rows = [{"preference": float(pref), "output_a": "a" * la, "output_b": "b" * lb, "error": None,
-             "difficulty": float(d)} for pref, la, lb, d in zip(prefs, len_a, len_b, difficulty)]
+    rows = [
+        {"preference": float(pref), "output_a": "a" * la, "output_b": "b" * lb, "error": None, "difficulty": float(d)}
+        for pref, la, lb, d in zip(prefs, len_a, len_b, difficulty)
+    ]
     # What the model would win, averaged over these instructions, at equal lengths.
     truth = float(expit(quality + difficulty_effect * difficulty).mean() * 100)
     return rows, truth
@@ -39,7 +41,7 @@ def test_lc_removes_a_pure_length_preference():
     lc = length_controlled_win_rate([{k: v for k, v in r.items() if k != "difficulty"} for r in rows])
     assert truth == pytest.approx(50.0)
     assert raw["win_rate"] > 60  # the raw number is inflated by verbosity
-    assert abs(lc["length_controlled_winrate"] - 50.0) < max(3 * lc["lc_standard_error"], 1.0)
+    assert abs(lc["length_controlled_winrate"] - 50.0) < max(3 * lc["lc_standard_error_delta_method"], 1.0)
     assert abs(lc["length_controlled_winrate"] - 50.0) < 5
     assert lc["glm_weights"]["length"] == pytest.approx(1.5, abs=0.35)
     assert lc["glm_weights"]["difficulty"] is None
@@ -47,17 +49,20 @@ def test_lc_removes_a_pure_length_preference():
 
 @pytest.mark.parametrize("quality", [-0.8, 0.7])
 def test_lc_recovers_true_quality_under_length_bias(quality):
-    rows, truth = synthetic_judgments(1500, quality=quality, length_effect=1.0, model_length_ratio=0.8, binary=False, seed=3)
+    rows, truth = synthetic_judgments(
+        1500, quality=quality, length_effect=1.0, model_length_ratio=0.8, binary=False, seed=3
+    )
     lc = length_controlled_win_rate(rows)
     # Probability targets from exactly this GLM family: the fit is essentially exact.
     assert lc["length_controlled_winrate"] == pytest.approx(truth, abs=0.5)
     assert lc["glm_weights"]["length"] == pytest.approx(1.0, abs=0.05)
-    assert lc["lc_standard_error"] < 0.5
+    assert lc["lc_standard_error_delta_method"] < 0.5
 
 
 def test_lc_uses_instruction_difficulty_when_given():
-    rows, truth = synthetic_judgments(1500, quality=0.3, length_effect=1.0, model_length_ratio=1.2,
-                                      binary=False, seed=5, difficulty_effect=-1.2)
+    rows, truth = synthetic_judgments(
+        1500, quality=0.3, length_effect=1.0, model_length_ratio=1.2, binary=False, seed=5, difficulty_effect=-1.2
+    )
     with_difficulty = length_controlled_win_rate(rows)
     assert with_difficulty["glm_weights"]["difficulty"] == pytest.approx(-1.2, abs=0.05)
     assert with_difficulty["length_controlled_winrate"] == pytest.approx(truth, abs=0.5)
@@ -73,7 +78,7 @@ def test_identical_generators_give_fifty_percent():
     rows = [{"preference": 0.5, "output_a": o, "output_b": o} for o in outputs]
     summary = summarize_judgments(rows)
     assert summary["length_controlled_winrate"] == 50.0
-    assert summary["lc_standard_error"] == 0.0
+    assert summary["lc_standard_error_delta_method"] == 0.0
     assert summary["win_rate"] == 50.0 and summary["n_draws"] == len(rows)
 
 
@@ -107,8 +112,18 @@ def test_all_failed_judgments_raise_with_the_first_error():
 
 def test_average_over_judges():
     results = {
-        "gpt": {"win_rate": 60.0, "standard_error": 3.0, "length_controlled_winrate": 55.0, "lc_standard_error": 4.0},
-        "claude": {"win_rate": 50.0, "standard_error": 4.0, "length_controlled_winrate": 45.0, "lc_standard_error": 3.0},
+        "gpt": {
+            "win_rate": 60.0,
+            "standard_error": 3.0,
+            "length_controlled_winrate": 55.0,
+            "lc_standard_error_delta_method": 4.0,
+        },
+        "claude": {
+            "win_rate": 50.0,
+            "standard_error": 4.0,
+            "length_controlled_winrate": 45.0,
+            "lc_standard_error_delta_method": 3.0,
+        },
     }
     avg = average_over_judges(results)
     assert avg["win_rate"] == pytest.approx(55.0)

@@ -72,8 +72,9 @@ def test_length_normalized_entropy_matches(tokenizer):
     model = sensitive_llama(tokenizer)
     examples, pad = encode_pairs(tokenizer), tokenizer.pad_token_id
     want_logps, _, want_grads = loss_and_grads(model, examples, "entropy", None, pad, length_normalize=True)
-    got_logps, _, got_grads = loss_and_grads(model, examples, "entropy", FAST_OPTIONS["shared+packed+chunked"], pad,
-                                             length_normalize=True)
+    got_logps, _, got_grads = loss_and_grads(
+        model, examples, "entropy", FAST_OPTIONS["shared+packed+chunked"], pad, length_normalize=True
+    )
     assert_logps_close(got_logps, want_logps)
     assert_grads_close(got_grads, want_grads)
 
@@ -83,8 +84,13 @@ def test_lora_model_matches_padded_path_and_reference_is_base(tokenizer):
 
     base = sensitive_llama(tokenizer)
     # init_lora_weights=False: random A and B, so the adapters change the outputs and get gradients
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
-                        init_lora_weights=False, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft notes the tied lm_head
         model = get_peft_model(base, config)
@@ -130,8 +136,15 @@ def test_a_wrong_mask_is_caught(tokenizer, monkeypatch):
     want = preference_logps(model, examples, pad_token_id=pad)
     correct_mask = layouts.block_mask
     monkeypatch.setattr(layouts, "block_mask", lambda segment, branch, kind: correct_mask(segment, branch * 0, kind))
-    got = logps_module.fast_preference_logps(model, examples, FAST_OPTIONS["shared-prompt"], "mask", pad_token_id=pad,
-                                    compute_entropy=False, length_normalize=False)
+    got = logps_module.fast_preference_logps(
+        model,
+        examples,
+        FAST_OPTIONS["shared-prompt"],
+        "mask",
+        pad_token_id=pad,
+        compute_entropy=False,
+        length_normalize=False,
+    )
     torch.testing.assert_close(got.chosen_logps, want.chosen_logps, rtol=1e-5, atol=1e-5)  # chosen unaffected
     assert float((got.rejected_logps - want.rejected_logps).detach().abs().max()) > 1e-2
 
@@ -151,13 +164,19 @@ def test_shared_prompt_layout_positions_and_visibility():
     assert sees[3] == [1, 1, 1, 1, 0]
     # chosen 21 and rejected 31 are both scored from the last prompt token (offset 1)
     assert list(zip(layout.predictors.tolist(), layout.targets.tolist(), layout.sequences.tolist())) == [
-        (1, 21, 0), (2, 22, 0), (1, 31, 1)]
+        (1, 21, 0),
+        (2, 22, 0),
+        (1, 31, 1),
+    ]
     assert layout.num_tokens == 5
 
 
 def test_packing_puts_sequences_side_by_side_without_crosstalk():
-    units = [layouts.sequence_unit([1, 2, 3, 4], [-100, 2, 3, 4], 0), layouts.sequence_unit([5, 6], [-100, 6], 1),
-             layouts.sequence_unit([7, 8], [-100, 8], 2)]
+    units = [
+        layouts.sequence_unit([1, 2, 3, 4], [-100, 2, 3, 4], 0),
+        layouts.sequence_unit([5, 6], [-100, 6], 1),
+        layouts.sequence_unit([7, 8], [-100, 8], 2),
+    ]
     layout = layouts.build_layout(units, [[0], [1, 2]], pad_token_id=0, device="cpu", mask_kind=torch.float32)
     assert layout.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
     assert layout.position_ids.tolist() == [[0, 1, 2, 3], [0, 1, 0, 1]]
@@ -185,8 +204,11 @@ def test_length_grouped_order_cuts_padding_and_stays_a_shuffle():
     batch = 8
 
     def padding(order):
-        return sum(max(lengths[i] for i in order[s: s + batch]) * len(order[s: s + batch]) -
-                   sum(lengths[i] for i in order[s: s + batch]) for s in range(0, len(order), batch))
+        return sum(
+            max(lengths[i] for i in order[s : s + batch]) * len(order[s : s + batch])
+            - sum(lengths[i] for i in order[s : s + batch])
+            for s in range(0, len(order), batch)
+        )
 
     grouped = length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
     shuffled = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(0)).tolist()
@@ -194,15 +216,16 @@ def test_length_grouped_order_cuts_padding_and_stays_a_shuffle():
     assert padding(grouped) < 0.2 * padding(shuffled)
     assert grouped == length_grouped_order(lengths, seed=0, epoch=0, batch_size=batch, group_batches=10)
     assert grouped != length_grouped_order(lengths, seed=0, epoch=1, batch_size=batch, group_batches=10)
-    firsts = [max(lengths[i] for i in grouped[s: s + batch]) for s in range(0, len(grouped), batch)]
+    firsts = [max(lengths[i] for i in grouped[s : s + batch]) for s in range(0, len(grouped), batch)]
     assert firsts != sorted(firsts, reverse=True)  # batches are shuffled, not longest-first
 
 
 def test_padding_rows_never_produce_nan_gradients(tokenizer):
     model = sensitive_llama(tokenizer)
     examples = encode_pairs(tokenizer)[:2]
-    logps = preference_logps(model, examples, pad_token_id=tokenizer.pad_token_id,
-                             options=ForwardOptions(share_prompt=True, packing=False))
+    logps = preference_logps(
+        model, examples, pad_token_id=tokenizer.pad_token_id, options=ForwardOptions(share_prompt=True, packing=False)
+    )
     (logps.chosen_logps.sum() + logps.rejected_logps.sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -230,8 +253,11 @@ def test_chunked_scoring_matches_and_saves_no_logits():
     for chunk in (0, 8):
         hidden.grad, head.weight.grad = None, None
         out = {}
-        kept = retained_bytes(lambda out=out, chunk=chunk: out.update(zip(("logps", "entropy"), score_hidden(
-            head, hidden, targets, with_entropy=True, chunk_size=chunk))))
+        kept = retained_bytes(
+            lambda out=out, chunk=chunk: out.update(
+                zip(("logps", "entropy"), score_hidden(head, hidden, targets, with_entropy=True, chunk_size=chunk))
+            )
+        )
         (out["logps"].sum() + 0.5 * out["entropy"].sum()).backward()
         results[chunk] = (kept, out["logps"].detach(), hidden.grad.clone(), head.weight.grad.clone())
     full_logits = tokens * vocab * 4
@@ -247,8 +273,9 @@ def test_selective_recompute_keeps_less_and_restores_the_model(tokenizer):
     kept = {}
     for on in (False, True):
         options = ForwardOptions(share_prompt=False, packing=False, logits_chunk_size=0, selective_recompute=on)
-        kept[on] = retained_bytes(lambda options=options: preference_logps(model, examples, pad_token_id=pad,
-                                                                           options=options))
+        kept[on] = retained_bytes(
+            lambda options=options: preference_logps(model, examples, pad_token_id=pad, options=options)
+        )
     assert kept[True] < 0.7 * kept[False]
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
@@ -309,9 +336,11 @@ def test_attention_mode_per_kernel(tokenizer):
 
 def test_segmented_attention_equals_dense_masked_attention():
     """Per-block sdpa calls give what one sdpa call with the dense 4D mask gives, padding aside."""
-    units = [layouts.shared_prompt_unit([1, 2, 3], [4, 5], [6, 7, 8, 9], 0, 3),
-             layouts.sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
-             layouts.shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3)]
+    units = [
+        layouts.shared_prompt_unit([1, 2, 3], [4, 5], [6, 7, 8, 9], 0, 3),
+        layouts.sequence_unit([1, 2, 3, 4, 5, 6], [-100] * 3 + [4, 5, 6], 1),
+        layouts.shared_prompt_unit([1], [2, 3, 4, 5, 6], [7], 2, 3),
+    ]
     rows = [[0, 2], [1]]
     segmented = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", attention="segmented")
     dense = layouts.build_layout(units, rows, pad_token_id=0, device="cpu", mask_kind="bool", attention="mask")
@@ -320,10 +349,12 @@ def test_segmented_attention_equals_dense_masked_attention():
     width = dense.input_ids.shape[1]
     query = torch.randn(2, 4, width, 8, dtype=torch.float64, requires_grad=True)
     key, value = torch.randn(2, 2, width, 8, dtype=torch.float64), torch.randn(2, 2, width, 8, dtype=torch.float64)
-    got, _ = attention.segmented_attention(None, query, key, value, segmented.attention_mask, scaling=0.3,
-                                           mmpo_attention_plan=segmented.plan)
-    want = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense.attention_mask,
-                                                            scale=0.3, enable_gqa=True).transpose(1, 2)
+    got, _ = attention.segmented_attention(
+        None, query, key, value, segmented.attention_mask, scaling=0.3, mmpo_attention_plan=segmented.plan
+    )
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=dense.attention_mask, scale=0.3, enable_gqa=True
+    ).transpose(1, 2)
     real = dense.input_ids != 0
     torch.testing.assert_close(got[real], want[real])
     (grad_got,) = torch.autograd.grad(got[real].sum(), query)

@@ -24,9 +24,9 @@ from trl import DPOConfig
 from mmpo.config import TrainConfig
 from mmpo.data import load_rows, normalize_preference_row, prepare_preference_examples
 from mmpo.data.order import epoch_order
-from mmpo.training import train
 from mmpo.integrations.trl import MMPOConfig, MMPOTrainer
 from mmpo.modeling import load_tokenizer
+from mmpo.training import train
 from mmpo.world import bundled_path
 
 SEED, STEPS, LR = 42, 3, 5e-4

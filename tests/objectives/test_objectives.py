@@ -104,8 +104,15 @@ def assert_values(actual: torch.Tensor, expected: list[float], tol: float) -> No
 @pytest.mark.parametrize("beta, eps_w, eps_l", [(0.01, 0.9, 0.1), (0.5, 0.7, 0.2)])
 def test_mmpo_values_match_spec(dtype, tol, normalize, aux, beta, eps_w, eps_l):
     out = mmpo_loss(
-        t(LOGP_W, dtype), t(LOGP_L, dtype), t(REF_W, dtype), t(REF_L, dtype),
-        beta=beta, chosen_reward=eps_w, rejected_reward=eps_l, normalize=normalize, aux_loss=aux,
+        t(LOGP_W, dtype),
+        t(LOGP_L, dtype),
+        t(REF_W, dtype),
+        t(REF_L, dtype),
+        beta=beta,
+        chosen_reward=eps_w,
+        rejected_reward=eps_l,
+        normalize=normalize,
+        aux_loss=aux,
     )
     losses, s_w, s_l = ref_mmpo(
         LOGP_W, LOGP_L, REF_W, REF_L, beta=beta, eps_w=eps_w, eps_l=eps_l, normalize=normalize, aux=aux
@@ -120,9 +127,7 @@ def test_mmpo_values_match_spec(dtype, tol, normalize, aux, beta, eps_w, eps_l):
 def test_mmpo_defaults_are_the_papers():
     """beta=0.01, eps_w=0.9, eps_l=0.1, minmax, aux on (the MMPO defaults)."""
     out = mmpo_loss(t(LOGP_W), t(LOGP_L), t(REF_W), t(REF_L))
-    losses, _, _ = ref_mmpo(
-        LOGP_W, LOGP_L, REF_W, REF_L, beta=0.01, eps_w=0.9, eps_l=0.1, normalize="minmax", aux=True
-    )
+    losses, _, _ = ref_mmpo(LOGP_W, LOGP_L, REF_W, REF_L, beta=0.01, eps_w=0.9, eps_l=0.1, normalize="minmax", aux=True)
     assert_values(out.losses, losses, 1e-10)
 
 
@@ -157,7 +162,15 @@ def test_mmpo_explicit_norm_range(as_tensor):
     norm_range = (torch.tensor(low), torch.tensor(high)) if as_tensor else (low, high)
     out = mmpo_loss(t(LOGP_W), t(LOGP_L), t(REF_W), t(REF_L), beta=0.05, norm_range=norm_range)
     losses, s_w, s_l = ref_mmpo(
-        LOGP_W, LOGP_L, REF_W, REF_L, beta=0.05, eps_w=0.9, eps_l=0.1, normalize="minmax", aux=True,
+        LOGP_W,
+        LOGP_L,
+        REF_W,
+        REF_L,
+        beta=0.05,
+        eps_w=0.9,
+        eps_l=0.1,
+        normalize="minmax",
+        aux=True,
         norm_range=(low, high),
     )
     assert_values(out.losses, losses, 1e-7)  # float32 torch.tensor(low) above: 1e-7 tolerance
@@ -221,9 +234,7 @@ LENGTHS_L = [5, 12, 3, 64]
 
 @pytest.mark.parametrize("beta, gamma", [(2.0, 1.0), (2.5, 1.6), (1.0, 0.0)])
 def test_simpo_values_match_spec(beta, gamma):
-    out = simpo_loss(
-        t(LOGP_W), t(LOGP_L), torch.tensor(LENGTHS_W), torch.tensor(LENGTHS_L), beta=beta, gamma=gamma
-    )
+    out = simpo_loss(t(LOGP_W), t(LOGP_L), torch.tensor(LENGTHS_W), torch.tensor(LENGTHS_L), beta=beta, gamma=gamma)
     chosen = [beta * p / n for p, n in zip(LOGP_W, LENGTHS_W)]
     rejected = [beta * p / n for p, n in zip(LOGP_L, LENGTHS_L)]
     assert_values(out.losses, [-ref_logsigmoid(c - r - gamma) for c, r in zip(chosen, rejected)], 1e-10)
@@ -448,7 +459,8 @@ def test_bfloat16_entropy_surrogate_matches_float32():
     torch.testing.assert_close(
         entropy_surrogate(entropies, logps, mask).float(),
         entropy_surrogate(entropies.float(), logps.float(), mask),
-        rtol=1e-6, atol=1e-6,
+        rtol=1e-6,
+        atol=1e-6,
     )
 
 
@@ -484,10 +496,7 @@ def test_entropy_surrogate_gradients_are_score_function_form():
     grad_h, grad_logp = torch.autograd.grad(value.sum(), [entropies, logps])
     # dE/dlogp_k = sum of H_t over masked t > k (for masked k; zero elsewhere).
     expected_logp = [
-        [
-            (sum(h for h, m in zip(h_row[k + 1:], m_row[k + 1:]) if m) if m_row[k] else 0.0)
-            for k in range(len(h_row))
-        ]
+        [(sum(h for h, m in zip(h_row[k + 1 :], m_row[k + 1 :]) if m) if m_row[k] else 0.0) for k in range(len(h_row))]
         for h_row, m_row in zip(ENT_H, ENT_MASK)
     ]
     torch.testing.assert_close(grad_logp, t(expected_logp))

@@ -22,7 +22,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerState
 from transformers.modelcard import parse_log_history
 
 from mmpo.config import TrainConfig, resolve, to_dict
-from mmpo.training import train
 from mmpo.publish.export import (
     ExportError,
     copy_final_model,
@@ -34,6 +33,7 @@ from mmpo.publish.export import (
 )
 from mmpo.publish.model_card import build_model_card, invocation, write_model_card
 from mmpo.publish.trainer_state import hf_trainer_state, write_trainer_state
+from mmpo.training import train
 from mmpo.world import bundled_path
 
 WORLD = str(bundled_path("sft_model"))
@@ -468,3 +468,50 @@ def test_push_to_hub_checks_before_any_request(tmp_path, hub, finished_run, monk
     with pytest.raises(ExportError, match="HF_HUB_OFFLINE"):
         push_to_hub(finished_run, "someone/x", endpoint=endpoint)
     assert server.requests == []
+
+
+def test_mmpo_export_merges_a_lora_run_from_the_command_line(tmp_path):
+    """`mmpo export RUN --merge-lora`: a LoRA run's final adapter becomes a plain model with a card."""
+    import subprocess
+    import sys
+
+    from helpers import write_prefs
+
+    data = write_prefs(tmp_path / "p.jsonl", 8)
+    cfg = TrainConfig(
+        dataset=(str(data),),
+        eval_dataset=(),
+        output_dir=str(tmp_path / "run"),
+        lora=True,
+        lora_r=4,
+        per_device_batch_size=4,
+        max_steps=1,
+        progress=False,
+        cache_dir=str(tmp_path / "c"),
+    )
+    train(cfg)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmpo.cli",
+            "export",
+            str(tmp_path / "run"),
+            "--merge-lora",
+            "--out",
+            str(tmp_path / "merged"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert "lora" in (tmp_path / "merged" / "README.md").read_text().lower()
+    nothing = subprocess.run(
+        [sys.executable, "-m", "mmpo.cli", "export", str(tmp_path / "run")], capture_output=True, text=True, timeout=120
+    )
+    assert nothing.returncode == 2 and "nothing to do" in nothing.stderr

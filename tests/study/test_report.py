@@ -32,43 +32,87 @@ def make_sweep(root: Path, *, seed: int = 0, length_controlled: bool = True) -> 
             for s in seeds:
                 name = f"{objective}-beta{beta:g}-seed{s}" + (f"-{variant.replace(' ', '-')}" if variant else "")
                 run_dir = root / "runs" / name
-                config = {"objective": objective, "beta": beta, "learning_rate": 5e-4, "seed": s,
-                          "aux_loss": variant != "no aux loss", "output_dir": str(run_dir)}
-                runs.append({"name": name, "kind": "train", "evaluate": True, "eval": {}, "model": None,
-                             "config": config, "roles": [{"kind": "experiment", "block": "ablations" if variant else "main",
-                                                          "variant": variant, "objective": objective}]})
+                config = {
+                    "objective": objective,
+                    "beta": beta,
+                    "learning_rate": 5e-4,
+                    "seed": s,
+                    "aux_loss": variant != "no aux loss",
+                    "output_dir": str(run_dir),
+                }
+                runs.append(
+                    {
+                        "name": name,
+                        "kind": "train",
+                        "evaluate": True,
+                        "eval": {},
+                        "model": None,
+                        "config": config,
+                        "roles": [
+                            {
+                                "kind": "experiment",
+                                "block": "ablations" if variant else "main",
+                                "variant": variant,
+                                "objective": objective,
+                            }
+                        ],
+                    }
+                )
                 run_dir.mkdir(parents=True)
                 (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
                 metrics = []
                 for step in range(1, EPOCHS * STEPS_PER_EPOCH + 1):
                     metrics.append({"step": step, "loss": rng.uniform(0.1, 1.0), "rewards/accuracies": rng.random()})
                     if step % STEPS_PER_EPOCH == 0:
-                        metrics.append({"step": step, "epoch": step / STEPS_PER_EPOCH,
-                                        "eval_rewards/accuracies": rng.random(), "eval_loss": rng.random()})
+                        metrics.append(
+                            {
+                                "step": step,
+                                "epoch": step / STEPS_PER_EPOCH,
+                                "eval_rewards/accuracies": rng.random(),
+                                "eval_loss": rng.random(),
+                            }
+                        )
                 (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
                 for epoch in range(1, EPOCHS + 1):
                     ckpt = run_dir / "checkpoints" / f"epoch-{epoch}"
                     (ckpt / "eval").mkdir(parents=True)
-                    (ckpt / "trainer_state.json").write_text(json.dumps(
-                        {"global_step": epoch * STEPS_PER_EPOCH, "epoch": float(epoch)}))
+                    (ckpt / "trainer_state.json").write_text(
+                        json.dumps({"global_step": epoch * STEPS_PER_EPOCH, "epoch": float(epoch)})
+                    )
                     winrate = {"win_rate": rng.uniform(20, 80), "standard_error": rng.uniform(1, 3)}
                     if length_controlled:
-                        winrate.update(length_controlled_winrate=rng.uniform(20, 80), lc_standard_error=1.0)
+                        winrate.update(
+                            length_controlled_winrate=rng.uniform(20, 80), lc_standard_error_delta_method=1.0
+                        )
                     results = {"winrate": winrate, "harness": {"average_acc": rng.uniform(0.3, 0.5)}}
                     if not (objective == "dpo" and epoch == 2):  # the report falls back to metrics.jsonl
                         results["rewards"] = {"reward_accuracy": rng.random()}
                     (ckpt / "eval" / "results.json").write_text(json.dumps(results))
     (root / "plan.json").write_text(json.dumps({"name": "synthetic", "runs": runs, "waiting": []}))
-    (root / "events.jsonl").write_text(json.dumps({"time": 1000.0, "event": "train_start"}) + "\n"
-                                       + json.dumps({"time": 1000.0 + 42 * 60, "event": "eval_done"}) + "\n")
+    (root / "events.jsonl").write_text(
+        json.dumps({"time": 1000.0, "event": "train_start"})
+        + "\n"
+        + json.dumps({"time": 1000.0 + 42 * 60, "event": "eval_done"})
+        + "\n"
+    )
     (root / "baselines" / "baseline-0").mkdir(parents=True)
     (root / "baselines" / "baseline-0" / "results.json").write_text(json.dumps({"harness": {"average_acc": 0.4}}))
-    (root / "tuning.json").write_text(json.dumps([{"stage": 1, "objective": "mmpo", "keys": ["learning_rate"],
-                                                   "candidates": [{"run": "a", "values": {"learning_rate": 1e-4},
-                                                                   "reward_accuracy": 0.6},
-                                                                  {"run": "b", "values": {"learning_rate": 5e-4},
-                                                                   "reward_accuracy": 0.7}],
-                                                   "selected": {"learning_rate": 5e-4}}]))
+    (root / "tuning.json").write_text(
+        json.dumps(
+            [
+                {
+                    "stage": 1,
+                    "objective": "mmpo",
+                    "keys": ["learning_rate"],
+                    "candidates": [
+                        {"run": "a", "values": {"learning_rate": 1e-4}, "reward_accuracy": 0.6},
+                        {"run": "b", "values": {"learning_rate": 5e-4}, "reward_accuracy": 0.7},
+                    ],
+                    "selected": {"learning_rate": 5e-4},
+                }
+            ]
+        )
+    )
     return root
 
 
@@ -78,16 +122,30 @@ def read_points(root: Path, length_controlled: bool = True) -> list[dict]:
     points = []
     for run in plan["runs"]:
         cfg, variant = run["config"], run["roles"][0]["variant"]
-        method = {"mmpo": "MMPO", "dpo": "DPO", "simpo": "SimPO"}[cfg["objective"]] + (f" ({variant})" if variant else "")
+        method = {"mmpo": "MMPO", "dpo": "DPO", "simpo": "SimPO"}[cfg["objective"]] + (
+            f" ({variant})" if variant else ""
+        )
         run_dir = Path(cfg["output_dir"])
-        evals = {m["step"]: m["eval_rewards/accuracies"]
-                 for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in m}
+        evals = {
+            m["step"]: m["eval_rewards/accuracies"]
+            for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "eval_loss" in m
+        }
         for epoch in range(1, EPOCHS + 1):
             results = json.loads((run_dir / "checkpoints" / f"epoch-{epoch}" / "eval" / "results.json").read_text())
             win = results["winrate"]["length_controlled_winrate" if length_controlled else "win_rate"]
             reward = results.get("rewards", {}).get("reward_accuracy", evals[epoch * STEPS_PER_EPOCH])
-            points.append({"method": method, "beta": cfg["beta"], "seed": cfg["seed"], "epoch": float(epoch),
-                           "win": win, "acc": results["harness"]["average_acc"], "reward": reward})
+            points.append(
+                {
+                    "method": method,
+                    "beta": cfg["beta"],
+                    "seed": cfg["seed"],
+                    "epoch": float(epoch),
+                    "win": win,
+                    "acc": results["harness"]["average_acc"],
+                    "reward": reward,
+                }
+            )
     return points
 
 
@@ -99,7 +157,7 @@ def table_rows(markdown: str, heading: str) -> list[list[str]]:
     lines = markdown.split(heading, 1)[1].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
@@ -119,8 +177,9 @@ def test_pareto_tables_equal_the_result_files(sweep, tmp_path):
     table1 = table_rows(text, "## Table 1")
     table2 = table_rows(text, "## Table 2")
     assert [r[0] for r in table1] == [r[0] for r in table2] == ["MMPO", "DPO", "SimPO"]  # no ablations in them
-    for method, row1, row2, json1, json2 in zip(["MMPO", "DPO", "SimPO"], table1, table2,
-                                                data["pareto"]["peak_lm_acc"], data["pareto"]["peak_win_rate"]):
+    for method, row1, row2, json1, json2 in zip(
+        ["MMPO", "DPO", "SimPO"], table1, table2, data["pareto"]["peak_lm_acc"], data["pareto"]["peak_win_rate"]
+    ):
         settings = {(p["beta"], p["epoch"]) for p in points if p["method"] == method}
         best_acc = max(settings, key=lambda s: seed_mean(points, method, *s, "acc"))
         best_win = max(settings, key=lambda s: seed_mean(points, method, *s, "win"))
@@ -133,9 +192,12 @@ def test_pareto_tables_equal_the_result_files(sweep, tmp_path):
         assert row1[1] == f"{seed_mean(points, method, *best_acc, 'acc') * 100:.2f}"
         assert row1[2].split(" ± ")[0] == f"{seed_mean(points, method, *best_acc, 'win'):.1f}"
         assert row1[4:6] == [f"{best_acc[0]:g}", f"{best_acc[1]:g}"]
-        raw = statistics.fmean(json.loads(Path(p).read_text())["winrate"]["win_rate"] for p in
-                               [c.results_file for c in collect(sweep).checkpoints
-                                if (c.method, c.beta, c.epoch) == (method, *best_acc)])
+        raw = statistics.fmean(
+            json.loads(Path(p).read_text())["winrate"]["win_rate"]
+            for p in [
+                c.results_file for c in collect(sweep).checkpoints if (c.method, c.beta, c.epoch) == (method, *best_acc)
+            ]
+        )
         assert row1[3] == f"{raw:.1f}"
         assert row2[1] == f"{seed_mean(points, method, *best_win, 'win'):.1f}"
         assert row2[3].split(" ± ")[0] == f"{seed_mean(points, method, *best_win, 'acc') * 100:.2f}"
@@ -155,8 +217,11 @@ def test_sensitivity_seed_spread_and_ablation_numbers(sweep, tmp_path):
             assert row["win_rate_spread"] == pytest.approx(max(wins) - min(wins), abs=1e-12)
         else:
             assert row["win_rate_spread"] is None
-        stds = [statistics.stdev([p["win"] for p in points if (p["method"], p["beta"], p["epoch"]) == (method, b, epoch)])
-                for b in betas if len({p["seed"] for p in points if p["method"] == method and p["beta"] == b}) > 1]
+        stds = [
+            statistics.stdev([p["win"] for p in points if (p["method"], p["beta"], p["epoch"]) == (method, b, epoch)])
+            for b in betas
+            if len({p["seed"] for p in points if p["method"] == method and p["beta"] == b}) > 1
+        ]
         assert row["win_rate_seed_std"] == (pytest.approx(statistics.fmean(stds), abs=1e-12) if stds else None)
     final = {(r["method"], r["beta"]): r for r in data["seed_spread"]}
     assert set(final) == {(p["method"], p["beta"]) for p in points}
@@ -165,23 +230,38 @@ def test_sensitivity_seed_spread_and_ablation_numbers(sweep, tmp_path):
         assert row["epoch"] == EPOCHS and sorted(row["reward_accuracy"]["values"]) == pytest.approx(values)
     # DPO epoch 2 has no 'rewards' in results.json: its reward accuracy is the training log's at that step.
     dpo = [r for r in collect(sweep).checkpoints if r.objective == "dpo" and r.epoch == 2]
-    assert all(p.reward_accuracy == next(q["reward"] for q in points if q["method"] == "DPO" and q["beta"] == p.beta
-                                         and q["seed"] == p.seed and q["epoch"] == 2.0) for p in dpo)
+    assert all(
+        p.reward_accuracy
+        == next(
+            q["reward"]
+            for q in points
+            if q["method"] == "DPO" and q["beta"] == p.beta and q["seed"] == p.seed and q["epoch"] == 2.0
+        )
+        for p in dpo
+    )
     assert [r["method"] for r in data["beta_sensitivity"]] == ["MMPO"] * 3 + ["DPO"] * 3 + ["MMPO (no aux loss)"] * 3
     ablations = {(r["method"], r["epoch"]): r for r in data["ablations"]}
     assert {m for m, _ in ablations} == {"MMPO", "MMPO (no aux loss)", "MMPO (length-normalized)"}
     assert {r["beta"] for r in data["ablations"]} == {0.01}  # the grid's beta=0.1 run is not an ablation point
     for epoch in range(1, EPOCHS + 1):  # the default run at the same beta and the same seeds (1, 2)
-        expected = statistics.fmean(p["acc"] for p in points if p["method"] == "MMPO" and p["beta"] == 0.01
-                                    and p["seed"] in (1, 2) and p["epoch"] == epoch)
+        expected = statistics.fmean(
+            p["acc"]
+            for p in points
+            if p["method"] == "MMPO" and p["beta"] == 0.01 and p["seed"] in (1, 2) and p["epoch"] == epoch
+        )
         assert ablations[("MMPO", float(epoch))]["lm_acc"]["mean"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_report_files_figures_and_html(sweep, tmp_path):
     report = write_report(sweep, tmp_path / "out", command="mmpo sweep --config x.yaml", notes="A *note*.")
     out = report.parent
-    for name in ("winrate_vs_lm_accuracy.png", "raw_winrate_vs_lm_accuracy.png", "beta_sensitivity.png",
-                 "ablations.png", "training_curves.png"):
+    for name in (
+        "winrate_vs_lm_accuracy.png",
+        "raw_winrate_vs_lm_accuracy.png",
+        "beta_sensitivity.png",
+        "ablations.png",
+        "training_curves.png",
+    ):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in report.read_text()
     text = report.read_text()
@@ -202,14 +282,17 @@ def test_raw_win_rate_when_results_have_no_length_controlled_value(tmp_path):
     points = read_points(sweep, length_controlled=False)
     assert data["win_rate_metric"] == "win_rate" and "LC win-rate" not in report.read_text()
     top = data["pareto"]["peak_win_rate"][0]
-    assert top["win_rate"] == pytest.approx(max(seed_mean(points, "MMPO", b, e, "win")
-                                                for b in (0.01, 0.1, 0.5) for e in (1.0, 2.0, 3.0)), abs=1e-12)
+    assert top["win_rate"] == pytest.approx(
+        max(seed_mean(points, "MMPO", b, e, "win") for b in (0.01, 0.1, 0.5) for e in (1.0, 2.0, 3.0)), abs=1e-12
+    )
 
 
 def test_cli_report_and_a_folder_that_is_not_a_sweep(sweep, tmp_path, capsys):
     from mmpo.cli import main
 
-    assert main(["report", str(sweep), "--out", str(tmp_path / "o"), "--command", "mmpo sweep --config study.yaml"]) == 0
+    assert (
+        main(["report", str(sweep), "--out", str(tmp_path / "o"), "--command", "mmpo sweep --config study.yaml"]) == 0
+    )
     assert "mmpo sweep --config study.yaml" in (tmp_path / "o" / "report.md").read_text()
     capsys.readouterr()
     assert main(["report", str(tmp_path / "o")]) == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -50,8 +51,13 @@ def world(tmp_path_factory, tiny_model_dir):
         rows = []
         for i in range(count):
             word = WORDS[(i + offset) % len(WORDS)] + WORDS[(3 * i + offset) % len(WORDS)]
-            rows.append({"prompt": f"Repeat the word {word}.", "chosen": word,
-                         "rejected": "I am not sure about that, sorry." if i % 2 else "Sorry, I cannot help."})
+            rows.append(
+                {
+                    "prompt": f"Repeat the word {word}.",
+                    "chosen": word,
+                    "rejected": "I am not sure about that, sorry." if i % 2 else "Sorry, I cannot help.",
+                }
+            )
         return rows
 
     (root / "tasks").mkdir()
@@ -60,12 +66,17 @@ def world(tmp_path_factory, tiny_model_dir):
         "train": write_jsonl(root / "train.jsonl", prefs(32, 0)),
         "test": write_jsonl(root / "test.jsonl", prefs(8, 5)),
         # grade() needs only the answer: the programmatic judge compares the graded outputs.
-        "prompts": write_jsonl(root / "prompts.jsonl",
-                               [{"instruction": f"Repeat the word {w}.", "answer": w} for w in WORDS[:4]]),
+        "prompts": write_jsonl(
+            root / "prompts.jsonl", [{"instruction": f"Repeat the word {w}.", "answer": w} for w in WORDS[:4]]
+        ),
         "tasks": str(root / "tasks"),
-        "task_file": write_jsonl(root / "tasks" / "copy.jsonl",
-                                 [{"query": f"Repeat the word {w}.", "choices": [w, "lazy" if w != "lazy" else "fox"],
-                                   "gold": 0} for w in WORDS[:4]]),
+        "task_file": write_jsonl(
+            root / "tasks" / "copy.jsonl",
+            [
+                {"query": f"Repeat the word {w}.", "choices": [w, "lazy" if w != "lazy" else "fox"], "gold": 0}
+                for w in WORDS[:4]
+            ],
+        ),
     }
 
 
@@ -73,11 +84,25 @@ def sweep_values(world, out: Path, **extra) -> dict:
     values = {
         "name": "tiny",
         "output_dir": str(out),
-        "base": {"model": world["model"], "dataset": [world["train"]], "eval_dataset": [world["test"]], "epochs": 2,
-                 "per_device_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1},
-        "eval": {"prompts": world["prompts"], "max_new_tokens": 6, "batch_size": 8, "harness": ["local"],
-                 "local_tasks_dir": world["tasks"]},
-        "experiments": [{"name": "main", "objective": ["mmpo", "dpo"], "beta": {"mmpo": [0.01, 0.1], "dpo": [0.1, 0.5]}}],
+        "base": {
+            "model": world["model"],
+            "dataset": [world["train"]],
+            "eval_dataset": [world["test"]],
+            "epochs": 2,
+            "per_device_batch_size": 8,
+            "learning_rate": 1e-3,
+            "logging_steps": 1,
+        },
+        "eval": {
+            "prompts": world["prompts"],
+            "max_new_tokens": 6,
+            "batch_size": 8,
+            "harness": ["local"],
+            "local_tasks_dir": world["tasks"],
+        },
+        "experiments": [
+            {"name": "main", "objective": ["mmpo", "dpo"], "beta": {"mmpo": [0.01, 0.1], "dpo": [0.1, 0.5]}}
+        ],
     }
     values.update(extra)
     return values
@@ -87,11 +112,24 @@ def sweep_values(world, out: Path, **extra) -> dict:
 
 
 def test_grid_expands_per_objective_values_variants_and_shares_equal_runs(tmp_path, world):
-    values = sweep_values(world, tmp_path / "s", experiments=[
-        {"name": "main", "objective": ["mmpo", "dpo"], "beta": {"mmpo": [0.01, 0.1], "dpo": 0.1}, "seed": [1, 2]},
-        {"name": "ablations", "objective": "mmpo", "beta": 0.01, "seed": 1,
-         "variants": {"": {}, "no aux loss": {"aux_loss": False}, "length-normalized": {"length_normalize": True}}},
-    ])
+    values = sweep_values(
+        world,
+        tmp_path / "s",
+        experiments=[
+            {"name": "main", "objective": ["mmpo", "dpo"], "beta": {"mmpo": [0.01, 0.1], "dpo": 0.1}, "seed": [1, 2]},
+            {
+                "name": "ablations",
+                "objective": "mmpo",
+                "beta": 0.01,
+                "seed": 1,
+                "variants": {
+                    "": {},
+                    "no aux loss": {"aux_loss": False},
+                    "length-normalized": {"length_normalize": True},
+                },
+            },
+        ],
+    )
     plan = make_plan(sweep_from_dict(values), tmp_path / "s")
     trained = {r.name: r for r in plan.runs if r.kind == "train"}
     # 2 MMPO betas x 2 seeds + 1 DPO beta x 2 seeds + 2 ablations; the ablation block's default
@@ -108,17 +146,20 @@ def test_grid_expands_per_objective_values_variants_and_shares_equal_runs(tmp_pa
     assert [r.kind for r in plan.runs][-1] == "baseline" and [r.kind for r in plan.runs].count("baseline") == 1
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"colour": 1}, "unknown sweep key 'colour'"),
-    ({"base": {"betta": 0.1}}, "unknown config key 'betta'; did you mean 'beta'"),
-    ({"eval": {"max_tokens": 3}}, "unknown config key 'max_tokens'"),
-    ({"experiments": [{"objective": ["mmpo", "ppo"]}]}, "unknown objective 'ppo'"),
-    ({"experiments": [{"objective": "mmpo", "beta": {"mmpo": 0.1, "ipo": 0.2}}]}, "not objectives"),
-    ({"experiments": [{"objective": "mmpo", "beta": []}]}, "empty list"),
-    ({"experiments": [{"objective": "mmpo", "output_dir": "x"}]}, "output_dir"),
-    ({"experiments": []}, "at least one block"),
-    ({"tuning": {"stages": [{"learning_rate": [1e-3]}], "epochs": 1}}, "tuning: unknown key 'epochs'"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"colour": 1}, "unknown sweep key 'colour'"),
+        ({"base": {"betta": 0.1}}, "unknown config key 'betta'; did you mean 'beta'"),
+        ({"eval": {"max_tokens": 3}}, "unknown config key 'max_tokens'"),
+        ({"experiments": [{"objective": ["mmpo", "ppo"]}]}, "unknown objective 'ppo'"),
+        ({"experiments": [{"objective": "mmpo", "beta": {"mmpo": 0.1, "ipo": 0.2}}]}, "not objectives"),
+        ({"experiments": [{"objective": "mmpo", "beta": []}]}, "empty list"),
+        ({"experiments": [{"objective": "mmpo", "output_dir": "x"}]}, "output_dir"),
+        ({"experiments": []}, "at least one block"),
+        ({"tuning": {"stages": [{"learning_rate": [1e-3]}], "epochs": 1}}, "tuning: unknown key 'epochs'"),
+    ],
+)
 def test_bad_sweep_config_is_named_before_anything_runs(tmp_path, world, change, message):
     with pytest.raises(ConfigError, match=message):
         sweep_from_dict(sweep_values(world, tmp_path, **change))
@@ -131,8 +172,9 @@ def test_invalid_run_value_names_the_block(tmp_path, world):
 
 
 def test_sweep_values_override_preset_values_even_when_they_equal_the_defaults(tmp_path):
-    sweep = load_sweep(REPO / "configs" / "sweeps" / "smollm2-135m.yaml", output_dir=str(tmp_path),
-                       set_values=["epochs=1"])
+    sweep = load_sweep(
+        REPO / "configs" / "sweeps" / "smollm2-135m.yaml", output_dir=str(tmp_path), set_values=["epochs=1"]
+    )
     run = next(r for r in make_plan(sweep, tmp_path).runs if r.kind == "train")
     assert run.config.epochs == 1  # the preset says 5; 1 is TrainConfig's default
     assert run.config.model == "runs/sft-smollm2-135m"  # the preset starts from the paper's SFT stage
@@ -154,8 +196,19 @@ def test_dry_run_prints_runs_steps_checkpoints_and_memory_estimate(tmp_path, mon
     console = Console(file=buffer, width=200)
     out_dir = tmp_path / "never"
     monkeypatch.setattr("mmpo.commands.say", console.print)
-    assert main(["sweep", "--config", str(REPO / "configs" / "sweeps" / "smollm2-360m.yaml"), "--dry-run",
-                 "--out", str(out_dir)]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--config",
+                str(REPO / "configs" / "sweeps" / "smollm2-360m.yaml"),
+                "--dry-run",
+                "--out",
+                str(out_dir),
+            ]
+        )
+        == 0
+    )
     out = buffer.getvalue()
     assert "training runs" in out and "optimizer steps" in out and "checkpoints to evaluate" in out
     assert "GiB" in out and "estimate" in out
@@ -172,11 +225,11 @@ def test_memory_estimate_follows_the_settings(tiny_model_dir):
     full = estimate_gpu_memory(base)
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_model_dir).parameters())
     assert full.parameters == params
-    assert full.parts["weights"] == params * 4 / 1024 ** 3
+    assert full.parts["weights"] == params * 4 / 1024**3
     assert full.parts["optimizer"] == 2 * full.parts["gradients"]
-    bf16 = estimate_gpu_memory(TrainConfig(**{**base.__dict__, "dtype": "bfloat16"}))
-    lora = estimate_gpu_memory(TrainConfig(**{**base.__dict__, "lora": True, "lora_r": 2}))
-    ckpt = estimate_gpu_memory(TrainConfig(**{**base.__dict__, "gradient_checkpointing": True}))
+    bf16 = estimate_gpu_memory(dataclasses.replace(base, dtype="bfloat16"))
+    lora = estimate_gpu_memory(dataclasses.replace(base, lora=True, lora_r=2))
+    ckpt = estimate_gpu_memory(dataclasses.replace(base, gradient_checkpointing=True))
     assert bf16.total_gib < full.total_gib and bf16.parts["weights"] == full.parts["weights"] / 2
     assert 0 < lora.trainable < full.trainable
     assert ckpt.parts["activations"] < full.parts["activations"]
@@ -188,11 +241,17 @@ def test_memory_estimate_follows_the_settings(tiny_model_dir):
 
 def test_tuning_selects_stage_by_stage_by_validation_reward_accuracy(tmp_path, world, monkeypatch):
     monkeypatch.setenv("MMPO_CACHE", str(tmp_path / "mcache"))
-    values = sweep_values(world, tmp_path / "s", eval=False, tuning={
-        "set": {"per_device_batch_size": 4},
-        # SimPO's reward accuracy needs no reference: a tiny step keeps the start's, a big one learns.
-        "stages": [{"learning_rate": {"simpo": [1e-7, 1e-2]}}, {"gamma": {"simpo": [0.5, 1.0]}}],
-    }, experiments=[{"name": "main", "objective": "simpo", "beta": [2.5]}])
+    values = sweep_values(
+        world,
+        tmp_path / "s",
+        eval=False,
+        tuning={
+            "set": {"per_device_batch_size": 4},
+            # SimPO's reward accuracy needs no reference: a tiny step keeps the start's, a big one learns.
+            "stages": [{"learning_rate": {"simpo": [1e-7, 1e-2]}}, {"gamma": {"simpo": [0.5, 1.0]}}],
+        },
+        experiments=[{"name": "main", "objective": "simpo", "beta": [2.5]}],
+    )
     values["base"]["epochs"] = 1
     sweep = sweep_from_dict(values)
     first = make_plan(sweep, tmp_path / "s")
@@ -242,8 +301,9 @@ def test_killed_sweep_resumes_with_only_the_missing_work(tmp_path, world):
     config.write_text(yaml.safe_dump(sweep_values(world, sweep_dir)))
     env = {**os.environ, "MMPO_CACHE": str(tmp_path / "mcache"), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "mmpo.cli", "sweep", "--config", str(config)]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline:  # wait until one run is finished and the next is training
@@ -281,10 +341,15 @@ def test_killed_sweep_resumes_with_only_the_missing_work(tmp_path, world):
     for name in trained:
         assert [e["event"] for e in history if e["run"] == name].count("train_done") == 1
         for epoch in ("epoch-1", "epoch-2"):
-            assert sum(e["event"] == "eval_done" and e.get("checkpoint") == epoch and e["run"] == name
-                       for e in history) == 1
-        steps = [json.loads(line)["step"] for line in (sweep_dir / "runs" / name / "metrics.jsonl").read_text().splitlines()
-                 if "loss" in json.loads(line)]
+            assert (
+                sum(e["event"] == "eval_done" and e.get("checkpoint") == epoch and e["run"] == name for e in history)
+                == 1
+            )
+        steps = [
+            json.loads(line)["step"]
+            for line in (sweep_dir / "runs" / name / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)
+        ]
         assert steps == list(range(1, 9)), f"{name}: duplicated or missing steps {steps}"
     # The killed run resumed: its worker started training again; the untouched ones did not.
     resumed = {e["run"] for e in new_events if e["event"] == "train_start"}
@@ -305,8 +370,12 @@ def test_killed_sweep_resumes_with_only_the_missing_work(tmp_path, world):
     lines = (sweep_dir / "commands.txt").read_text().splitlines()
     assert len(lines) == len(plan.runs) and lines[1].startswith(f"mmpo sweep run-one {sweep_dir} --index 1")
     count = len(_events(sweep_dir))
-    one = subprocess.run([sys.executable, "-m", "mmpo.cli", "sweep", "run-one", str(sweep_dir), "--index", "1"],
-                         env=env, capture_output=True, text=True)
+    one = subprocess.run(
+        [sys.executable, "-m", "mmpo.cli", "sweep", "run-one", str(sweep_dir), "--index", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert one.returncode == 0, one.stderr
     assert len(_events(sweep_dir)) == count
 
@@ -330,15 +399,16 @@ def test_run_one_needs_a_plan(tmp_path, capsys):
 
 @pytest.mark.parametrize("layout", ["mmpo", "hf"])
 def test_training_finished_reads_both_trainer_state_layouts(tmp_path, layout):
-    from mmpo.training import checkpoint
-    from mmpo.study.status import training_finished
     from mmpo.publish.trainer_state import hf_trainer_state
+    from mmpo.study.status import training_finished
+    from mmpo.training import checkpoint
 
     def state(step: int) -> dict:
         if layout == "mmpo":
             return {"global_step": step, "epoch": step / 8, "steps_per_epoch": 8, "total_steps": 4}
-        return hf_trainer_state([], global_step=step, steps_per_epoch=8, total_steps=4, per_device_batch_size=1,
-                                logging_steps=1)
+        return hf_trainer_state(
+            [], global_step=step, steps_per_epoch=8, total_steps=4, per_device_batch_size=1, logging_steps=1
+        )
 
     run = tmp_path / "run"
     for step in (2, 4):

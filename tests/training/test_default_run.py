@@ -23,16 +23,24 @@ RECORDED = {
     "eval_reward_accuracy_after": 0.9766666889190674,  # 293 / 300
     "eval_loss_after": 0.9086581468582153,
 }
-RECORDED_LOSS_CURVE_ENDS = ([1.098907607793808, 1.3250161491334438, 0.9148454524576664],
-                            [-0.7334932804107666, -0.4809193730354309, -0.19735465496778487])
+RECORDED_LOSS_CURVE_ENDS = (
+    [1.098907607793808, 1.3250161491334438, 0.9148454524576664],
+    [-0.7334932804107666, -0.4809193730354309, -0.19735465496778487],
+)
 
 
 @pytest.mark.slow
 def test_default_train_reproduces_the_recorded_summary(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMPO_CACHE": str(tmp_path / "cache")}
     out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "mmpo.cli", "train", "--output-dir", str(out), "--no-progress"],
-                   check=True, env=env, capture_output=True, text=True, timeout=900)
+    subprocess.run(
+        [sys.executable, "-m", "mmpo.cli", "train", "--output-dir", str(out), "--no-progress"],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     summary = json.loads((out / "summary.json").read_text())
     for key in ("objective", "beta", "learning_rate", "steps"):
         assert summary[key] == RECORDED[key], key

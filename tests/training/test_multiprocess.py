@@ -15,23 +15,43 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import REPO, TESTS_DIR, write_prefs
-
 from mmpo.config import ConfigError, TrainConfig
 from mmpo.training import checkpoint, run_dir, train
 
 WORKER = TESTS_DIR / "training" / "train_worker.py"
 SCOPES = ("micro", "step")
-COMPARED = ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-            "rewards/margins", "logps/chosen", "logps/rejected", "mmpo/chosen_weight")
+COMPARED = (
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "mmpo/chosen_weight",
+)
 
 
 def run_values(tmp_path: Path, model_dir: Path, scope: str, name: str, accumulation: int) -> dict:
     """Global batch 8: 4 pairs per process per micro-batch x (2 processes, or accumulation 2)."""
-    return dict(model=str(model_dir), dataset=[str(tmp_path / "train.jsonl")],
-                eval_dataset=[str(tmp_path / "eval.jsonl")], output_dir=str(tmp_path / f"{name}-{scope}"),
-                cache_dir=str(tmp_path / f"cache-{name}"),
-                per_device_batch_size=4, gradient_accumulation_steps=accumulation, epochs=2, normalize_scope=scope,
-                learning_rate=1e-3, warmup_ratio=0.0, progress=False, logging_steps=1, save_steps=3)
+    return dict(
+        model=str(model_dir),
+        dataset=[str(tmp_path / "train.jsonl")],
+        eval_dataset=[str(tmp_path / "eval.jsonl")],
+        output_dir=str(tmp_path / f"{name}-{scope}"),
+        cache_dir=str(tmp_path / f"cache-{name}"),
+        per_device_batch_size=4,
+        gradient_accumulation_steps=accumulation,
+        epochs=2,
+        normalize_scope=scope,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        progress=False,
+        logging_steps=1,
+        save_steps=3,
+    )
 
 
 def files_in(run: Path) -> set[str]:
@@ -51,15 +71,23 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
     job.write_text(json.dumps({"runs": runs, "report_dir": str(report_dir), "watch": watched}))
     # Accelerate forms a CPU (gloo) group under torchrun only when told to use the CPU.
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(job)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), str(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     reports = [json.loads((report_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in reports] == [2, 2]
     # Rank 1 writes only its own RNG state, into the checkpoint being staged (the manifest covers it).
-    stray = [p for p in reports[1]["writes"]
-             if not (p.endswith("/state") or p.endswith("/state/random_states_1.pkl")) or "/.tmp-" not in p]
+    stray = [
+        p
+        for p in reports[1]["writes"]
+        if not (p.endswith("/state") or p.endswith("/state/random_states_1.pkl")) or "/.tmp-" not in p
+    ]
     assert not stray, stray
 
     for scope, two in zip(SCOPES, runs):
@@ -92,8 +120,13 @@ def test_a_launch_whose_processes_form_no_group_is_refused(tmp_path, tiny_model_
     """torchrun without ACCELERATE_USE_CPU on a machine without GPUs: N lone processes would each
     train on all the data and write the same files; the engine stops before any work."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    cfg = TrainConfig(model=str(tiny_model_dir), dataset=(str(write_prefs(tmp_path / "t.jsonl", 8, seed=0)),),
-                      eval_dataset=(), output_dir=str(tmp_path / "run"), progress=False)
+    cfg = TrainConfig(
+        model=str(tiny_model_dir),
+        dataset=(str(write_prefs(tmp_path / "t.jsonl", 8, seed=0)),),
+        eval_dataset=(),
+        output_dir=str(tmp_path / "run"),
+        progress=False,
+    )
     with pytest.raises(ConfigError, match="launched as 2 processes .* ACCELERATE_USE_CPU=1"):
         train(cfg)
     assert not (tmp_path / "run").exists()
@@ -105,8 +138,10 @@ def test_a_launch_whose_processes_form_no_group_is_refused(tmp_path, tiny_model_
 CONFIGS = REPO / "configs" / "accelerate"
 
 
-@pytest.mark.parametrize("name, kind", [("multi_gpu", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"),
-                                        ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")])
+@pytest.mark.parametrize(
+    "name, kind",
+    [("multi_gpu", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")],
+)
 def test_shipped_accelerate_configs_load(name, kind):
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -17,9 +17,18 @@ from mmpo.training import train
 
 def small_run(tmp_path, tiny_model_dir, prefs, **overrides) -> TrainConfig:
     values = dict(
-        model=str(tiny_model_dir), dataset=(prefs[0],), eval_dataset=(prefs[1],), output_dir=str(tmp_path / "run"),
-        per_device_batch_size=4, epochs=1, max_steps=3, learning_rate=1e-3, progress=False, logging_steps=1,
-        cache_dir=str(tmp_path / "cache"), objective="dpo",
+        model=str(tiny_model_dir),
+        dataset=(prefs[0],),
+        eval_dataset=(prefs[1],),
+        output_dir=str(tmp_path / "run"),
+        per_device_batch_size=4,
+        epochs=1,
+        max_steps=3,
+        learning_rate=1e-3,
+        progress=False,
+        logging_steps=1,
+        cache_dir=str(tmp_path / "cache"),
+        objective="dpo",
     )
     values.update(overrides)
     return TrainConfig(**values)
@@ -33,10 +42,28 @@ def test_small_updates_survive_mixed_precision_and_vanish_in_pure_bf16(tmp_path,
     """lr 1e-6: an AdamW step moves each weight by ~1e-6, below half a bf16 step of weights ~0.02."""
     base = load_file(Path(tiny_model_dir) / "model.safetensors")
     common = dict(max_steps=1, save_steps=1, learning_rate=1e-6, warmup_ratio=0.0, eval_dataset=())
-    train(small_run(tmp_path, tiny_model_dir, prefs, output_dir=str(tmp_path / "mixed"), dtype="float32",
-                    mixed_precision="bf16", **common))
-    train(small_run(tmp_path, tiny_model_dir, prefs, output_dir=str(tmp_path / "pure"), dtype="bfloat16",
-                    mixed_precision="no", **common))
+    train(
+        small_run(
+            tmp_path,
+            tiny_model_dir,
+            prefs,
+            output_dir=str(tmp_path / "mixed"),
+            dtype="float32",
+            mixed_precision="bf16",
+            **common,
+        )
+    )
+    train(
+        small_run(
+            tmp_path,
+            tiny_model_dir,
+            prefs,
+            output_dir=str(tmp_path / "pure"),
+            dtype="bfloat16",
+            mixed_precision="no",
+            **common,
+        )
+    )
     key = "model.layers.0.mlp.down_proj.weight"
     mixed, pure = weights(tmp_path / "mixed")[key], weights(tmp_path / "pure")[key]
     assert mixed.dtype == torch.float32 and pure.dtype == torch.bfloat16
@@ -52,8 +79,16 @@ def test_small_updates_survive_mixed_precision_and_vanish_in_pure_bf16(tmp_path,
 def test_mixed_precision_losses_track_float32(tmp_path, tiny_model_dir, prefs):
     runs = {}
     for name, precision in (("fp32", "no"), ("bf16", "bf16")):
-        result = train(small_run(tmp_path, tiny_model_dir, prefs, output_dir=str(tmp_path / name),
-                                 mixed_precision=precision, eval_dataset=()))
+        result = train(
+            small_run(
+                tmp_path,
+                tiny_model_dir,
+                prefs,
+                output_dir=str(tmp_path / name),
+                mixed_precision=precision,
+                eval_dataset=(),
+            )
+        )
         runs[name] = [r["loss"] for r in result.metrics if "loss" in r]
     # bf16 keeps 8 bits of mantissa: on this tiny model the losses agree to about 1%.
     assert runs["bf16"] == pytest.approx(runs["fp32"], rel=0.02, abs=0.02)

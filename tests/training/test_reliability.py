@@ -5,57 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import multiprocessing
 import os
 import random
 import shutil
-import signal
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from training.attempts import Attempt, assert_bitwise_equal, make_config, run_config, train_records, weights
 
-from helpers import TESTS_DIR, save_tiny_model, write_chat, write_prefs
-
+from helpers import save_tiny_model, write_chat
 from mmpo.config import SFTConfig, TrainConfig
 from mmpo.training import TrainingError, checkpoint, run_dir, sft, train
-
-WORKER = TESTS_DIR / "training" / "train_worker.py"
-def run_config(tmp_path: Path, model_dir: Path, **overrides) -> dict:
-    """Plain values of a small MMPO run: 32 pairs, global batch 8 (4 x accumulation 2), 4 steps per epoch."""
-    data = tmp_path / "data"
-    data.mkdir(exist_ok=True)
-    train_file, eval_file = data / "train.jsonl", data / "eval.jsonl"
-    if not train_file.exists():
-        write_prefs(train_file, 32)
-        write_prefs(eval_file, 8, seed=1)
-    values = dict(model=str(model_dir), dataset=[str(train_file)], eval_dataset=[str(eval_file)],
-                  output_dir=str(tmp_path / "run"), per_device_batch_size=4, gradient_accumulation_steps=2,
-                  epochs=1, learning_rate=1e-3, progress=False, cache_dir=str(tmp_path / "cache"),
-                  logging_steps=1)
-    values.update(overrides)
-    return values
-
-
-def make_config(values: dict) -> TrainConfig:
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
-def weights(run: Path, name: str) -> dict[str, torch.Tensor]:
-    return load_file(run / "checkpoints" / name / "model" / "model.safetensors")
-
-
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs"
-
-
-def train_records(run: Path) -> list[dict]:
-    return [r for r in run_dir.read_metrics(run / "metrics.jsonl") if "loss" in r]
 
 
 def assert_run_folder_usable(run: Path) -> None:
@@ -67,51 +29,6 @@ def assert_run_folder_usable(run: Path) -> None:
 
 # --------------------------------------------------------------------------------------------
 # SIGKILL at random points, then --resume
-
-
-def forkserver():
-    """Training processes forked from a server that imported torch and mmpo once: each attempt is a
-    real, separate process (killed with a real SIGKILL) that starts in milliseconds."""
-    context = multiprocessing.get_context("forkserver")
-    if str(WORKER.parent) not in sys.path:
-        sys.path.insert(0, str(WORKER.parent))
-    context.set_forkserver_preload(["train_worker", "mmpo.training"])
-    return context
-
-
-class Attempt:
-    """One training process of the kill/resume test, its output in a log file."""
-
-    def __init__(self, job: Path, log: Path):
-        context = forkserver()
-        import train_worker
-
-        self.log = log
-        log.touch()
-        self.proc = context.Process(target=train_worker.run_job, args=(str(job), str(log)))
-        self.proc.start()
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def kill_when(self, condition, *, delay: float = 0.0, timeout: float = 120) -> bool:
-        """SIGKILL once ``condition()`` holds (polled every millisecond); False if the process ended first."""
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if not self.proc.is_alive():
-                return False
-            assert time.monotonic() < deadline, f"timed out; log:\n{self.output()[-3000:]}"
-            time.sleep(0.001)
-        time.sleep(delay)
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.join()
-        assert self.proc.exitcode == -signal.SIGKILL
-        return True
-
-    def finish(self, timeout: float = 180) -> str:
-        self.proc.join(timeout=timeout)
-        assert self.proc.exitcode == 0, self.output()[-3000:]
-        return self.output()
 
 
 def staging_folders(run: Path) -> list[str]:
@@ -138,8 +55,9 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path, tin
     seed = int(os.environ.get("MMPO_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     note = f"(MMPO_KILL_SEED={seed} reproduces these kill points)"
-    # 3 epochs x 4 steps, a step checkpoint after every step, only the newest 2 step checkpoints kept.
-    values = run_config(tmp_path, tiny_model_dir, epochs=3, save_steps=1, save_total_limit=2)
+    # 3 epochs x 4 steps, a step checkpoint after every step, only the newest 2 step checkpoints kept, a
+    # metrics line every 3 steps (and at each epoch's end): most resumes start inside a logging window.
+    values = run_config(tmp_path, tiny_model_dir, epochs=3, save_steps=1, save_total_limit=2, logging_steps=3)
 
     reference_run = tmp_path / "reference"
     reference_job = tmp_path / "reference.json"
@@ -159,12 +77,13 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path, tin
     leftovers = staging_folders(run)  # empty only if the write finished between the look and the kill
     assert_run_folder_usable(run)
 
-    # 2. Resumed (removes the staging folder), killed at a random moment after step t2 was logged:
-    #    inside a step, a metrics write or a checkpoint write.
+    # 2. Resumed (removes the staging folder), killed at a random moment after a metrics line of step t2
+    #    or later was written: inside a step, a metrics write or a checkpoint write.
     t2 = rng.randint(n + 1, 7)
     second = Attempt(resume_job, tmp_path / "attempt2.log")
-    assert second.kill_when(lambda: any(r["step"] >= t2 for r in train_records(run)),
-                            delay=rng.uniform(0.0, 0.03)), note
+    assert second.kill_when(lambda: any(r["step"] >= t2 for r in train_records(run)), delay=rng.uniform(0.0, 0.03)), (
+        note
+    )
     for name in leftovers:
         assert f"removed leftover {run / 'checkpoints' / name}" in second.output(), note
     assert_run_folder_usable(run)
@@ -186,9 +105,10 @@ def test_sigkill_at_random_points_then_resume_is_bitwise_identical(tmp_path, tin
     assert not [p.name for p in checkpoint.checkpoints_dir(run).iterdir() if p.name.startswith(".")], note
     names = sorted(p.name for p in checkpoint.list_checkpoints(run))
     assert names == ["epoch-1", "epoch-2", "epoch-3", "step-0000010", "step-0000011"], names  # save_total_limit=2
-    # Every step logged exactly once, with the uninterrupted run's numbers.
+    # Every metrics line written exactly once, with the uninterrupted run's numbers (the logging window
+    # of a step between two metrics lines is restored from the checkpoint).
     got, want = train_records(run), train_records(reference_run)
-    assert [r["step"] for r in got] == list(range(1, 13)), note
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [3, 4, 6, 8, 9, 12], note
     for a, b in zip(got, want):
         for key in ("loss", "grad_norm", "learning_rate", "rewards/margins"):
             assert a[key] == b[key], (a["step"], key, note)
@@ -301,7 +221,7 @@ def test_torn_metrics_line_is_dropped_and_the_file_rewritten_whole(tmp_path):
 
 def test_manifest_that_is_valid_json_of_the_wrong_shape_is_a_reason_not_a_crash(tmp_path):
     folder = make_checkpoint(tmp_path / "run", "step-0000001", 1, b"data")
-    for text in ('{"files": 3}', '[]', '{"files": {"a": {"size": "x"}}}', '{"files": {}}'):
+    for text in ('{"files": 3}', "[]", '{"files": {"a": {"size": "x"}}}', '{"files": {}}'):
         (folder / "manifest.json").write_text(text)
         assert checkpoint.verify(folder) is not None, text
     (folder / "trainer_state.json").write_text("{torn")
@@ -315,9 +235,19 @@ def test_manifest_that_is_valid_json_of_the_wrong_shape_is_a_reason_not_a_crash(
 def test_mid_epoch_resume_restores_optimizer_scheduler_accumulation_and_rng(tmp_path, tokenizer):
     """SFT with dropout on: the resumed run only matches if the RNG state is restored as well."""
     model_dir = save_tiny_model(tokenizer, tmp_path / "dropout_model", attention_dropout=0.3)
-    cfg = SFTConfig(model=str(model_dir), dataset=(str(write_chat(tmp_path / "chat.jsonl", 24)),), eval_dataset=(),
-                    output_dir=str(tmp_path / "a"), per_device_batch_size=2, gradient_accumulation_steps=2,
-                    save_steps=1, learning_rate=1e-2, warmup_ratio=0.3, progress=False, logging_steps=1)
+    cfg = SFTConfig(
+        model=str(model_dir),
+        dataset=(str(write_chat(tmp_path / "chat.jsonl", 24)),),
+        eval_dataset=(),
+        output_dir=str(tmp_path / "a"),
+        per_device_batch_size=2,
+        gradient_accumulation_steps=2,
+        save_steps=1,
+        learning_rate=1e-2,
+        warmup_ratio=0.3,
+        progress=False,
+        logging_steps=1,
+    )
     sft(cfg)  # 6 optimizer steps of 2 micro-batches each
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(a, b)
@@ -333,8 +263,9 @@ def test_mid_epoch_resume_restores_optimizer_scheduler_accumulation_and_rng(tmp_
     for index, values in opt_a["state"].items():
         for key, tensor in values.items():
             assert torch.equal(tensor, opt_b["state"][index][key]), (index, key)
-    assert torch.load(state_a / "mmpo_scheduler.pt", weights_only=True) == \
-        torch.load(state_b / "mmpo_scheduler.pt", weights_only=True)
+    assert torch.load(state_a / "mmpo_scheduler.pt", weights_only=True) == torch.load(
+        state_b / "mmpo_scheduler.pt", weights_only=True
+    )
     rng_a = torch.load(state_a / "random_states_0.pkl", weights_only=False)
     rng_b = torch.load(state_b / "random_states_0.pkl", weights_only=False)
     assert rng_a["step"] == rng_b["step"] == 12  # Accelerate's micro-step counter: the accumulation position
@@ -397,9 +328,14 @@ def steps_containing(values: dict, ids: set[str]) -> list[int]:
     hits = []
     for step in range(steps_per_epoch * cfg.epochs):
         epoch, within = divmod(step, steps_per_epoch)
-        _, indices = step_micro_batches(epoch_order(len(examples), cfg.seed, epoch), within,
-                                        per_device=cfg.per_device_batch_size,
-                                        accumulation=cfg.gradient_accumulation_steps, world_size=1, rank=0)
+        _, indices = step_micro_batches(
+            epoch_order(len(examples), cfg.seed, epoch),
+            within,
+            per_device=cfg.per_device_batch_size,
+            accumulation=cfg.gradient_accumulation_steps,
+            world_size=1,
+            rank=0,
+        )
         if any(examples[i]["id"] in ids for i in indices):
             hits.append(step + 1)
     return hits
@@ -407,9 +343,11 @@ def steps_containing(values: dict, ids: set[str]) -> list[int]:
 
 @pytest.mark.parametrize("where, objective", [("policy", "mmpo"), ("reference", "dpo")])
 def test_nonfinite_steps_are_skipped_counted_and_logged_and_training_continues(
-        tmp_path, tiny_model_dir, monkeypatch, capsys, where, objective):
-    values = run_config(tmp_path, tiny_model_dir, epochs=2, save_steps=1, eval_dataset=[], objective=objective,
-                        warmup_ratio=0.0)  # no zero-learning-rate warm-up step: every good step moves the weights
+    tmp_path, tiny_model_dir, monkeypatch, capsys, where, objective
+):
+    values = run_config(
+        tmp_path, tiny_model_dir, epochs=2, save_steps=1, eval_dataset=[], objective=objective, warmup_ratio=0.0
+    )  # no zero-learning-rate warm-up step: every good step moves the weights
     poison = {"train:train:5"}
     (poison_policy_logps if where == "policy" else poison_reference_logps)(monkeypatch, poison)
     bad_steps = steps_containing(values, poison)
@@ -434,9 +372,11 @@ def test_nonfinite_steps_are_skipped_counted_and_logged_and_training_continues(
 
 
 def test_persistent_nonfinite_stops_with_a_clear_message_and_writes_no_bad_weights(
-        tmp_path, tiny_model_dir, monkeypatch):
-    values = run_config(tmp_path, tiny_model_dir, per_device_batch_size=2, gradient_accumulation_steps=1,
-                        save_steps=4, eval_dataset=[])  # 16 steps per epoch
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    values = run_config(
+        tmp_path, tiny_model_dir, per_device_batch_size=2, gradient_accumulation_steps=1, save_steps=4, eval_dataset=[]
+    )  # 16 steps per epoch
     poison_policy_logps(monkeypatch, {f"train:train:{i}" for i in range(32)})
     with pytest.raises(TrainingError, match="10 optimizer steps in a row had a non-finite loss or gradient"):
         train(make_config(values))
@@ -468,7 +408,8 @@ def test_remote_code_runs_only_when_asked(tmp_path, tiny_model_dir, monkeypatch)
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
         "from transformers import LlamaConfig, LlamaForCausalLM\n"
         "class CustomConfig(LlamaConfig):\n    model_type = 'llama'\n"
-        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
     config = json.loads((model_dir / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "custom_model.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomModel"}
     (model_dir / "config.json").write_text(json.dumps(config))

@@ -12,20 +12,29 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import WORDS
 from mmpo.config import ConfigError, SFTConfig, TrainConfig
 from mmpo.data import load_preference_examples
 from mmpo.data.order import epoch_order, example_length, step_micro_batches
 from mmpo.modeling import load_tokenizer
 from mmpo.training import sft, train
 
-from helpers import WORDS
-
 
 def config(tmp_path, tiny_model_dir, prefs, **overrides) -> TrainConfig:
     train_file, test_file = prefs
-    values = dict(model=str(tiny_model_dir), dataset=(train_file,), eval_dataset=(test_file,),
-                  output_dir=str(tmp_path / "run"), per_device_batch_size=4, gradient_accumulation_steps=2,
-                  epochs=1, learning_rate=1e-3, progress=False, cache_dir=str(tmp_path / "cache"), logging_steps=1)
+    values = dict(
+        model=str(tiny_model_dir),
+        dataset=(train_file,),
+        eval_dataset=(test_file,),
+        output_dir=str(tmp_path / "run"),
+        per_device_batch_size=4,
+        gradient_accumulation_steps=2,
+        epochs=1,
+        learning_rate=1e-3,
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+        logging_steps=1,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -39,8 +48,19 @@ def test_mmpo_run_writes_trl_metrics_checkpoint_and_summary(tmp_path, tiny_model
     run = Path(result.output_dir)
     records = read_metrics(run)
     train_records = [r for r in records if "loss" in r]
-    for key in ("loss", "grad_norm", "learning_rate", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                "rewards/margins", "logps/chosen", "logps/rejected", "mmpo/chosen_weight", "tokens_per_second"):
+    for key in (
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "mmpo/chosen_weight",
+        "tokens_per_second",
+    ):
         assert key in train_records[0], key
     evals = [r for r in records if "eval_rewards/accuracies" in r]
     assert evals[0]["step"] == 0 and len(evals) == 3  # before training, after each epoch
@@ -59,15 +79,18 @@ def test_mmpo_run_writes_trl_metrics_checkpoint_and_summary(tmp_path, tiny_model
     AutoModelForCausalLM.from_pretrained(summary["final_model"])
 
 
-@pytest.mark.parametrize("overrides", [
-    {"objective": "dpo"},
-    {"objective": "simpo"},
-    {"length_normalize": True},
-    {"entropy_coef": 0.01},
-    {"aux_loss": False},
-    {"normalize": "none"},
-    {"normalize_scope": "step"},
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"objective": "dpo"},
+        {"objective": "simpo"},
+        {"length_normalize": True},
+        {"entropy_coef": 0.01},
+        {"aux_loss": False},
+        {"normalize": "none"},
+        {"normalize_scope": "step"},
+    ],
+)
 def test_objectives_and_ablations_train(tmp_path, tiny_model_dir, prefs, overrides):
     result = train(config(tmp_path, tiny_model_dir, prefs, max_steps=2, **overrides))
     losses = [r["loss"] for r in result.metrics if "loss" in r]
@@ -108,10 +131,16 @@ def test_reference_cache_is_reused(tmp_path, tiny_model_dir, prefs, capsys):
     assert len(list((tmp_path / "shared").glob("*.pt"))) == 2
 
 
-@pytest.mark.parametrize("overrides, key", [
-    ({"beta": 0.0}, "beta"), ({"beta": -1.0}, "beta"), ({"learning_rate": 0.0}, "learning_rate"),
-    ({"epochs": 0}, "epochs"), ({"per_device_batch_size": 64}, "global batch"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"beta": 0.0}, "beta"),
+        ({"beta": -1.0}, "beta"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"epochs": 0}, "epochs"),
+        ({"per_device_batch_size": 64}, "global batch"),
+    ],
+)
 def test_bad_config_fails_before_training(tmp_path, tiny_model_dir, prefs, overrides, key):
     with pytest.raises(ConfigError, match=key):
         train(config(tmp_path, tiny_model_dir, prefs, **overrides))
@@ -147,8 +176,9 @@ def test_group_by_length_trains_on_steps_of_similar_length(tmp_path, tiny_model_
         return micro, step_indices
 
     monkeypatch.setattr(engine, "step_micro_batches", recording_layout)
-    cfg = config(tmp_path, tiny_model_dir, prefs, packing=False, share_prompt=False, group_by_length=True,
-                 eval_dataset=())
+    cfg = config(
+        tmp_path, tiny_model_dir, prefs, packing=False, share_prompt=False, group_by_length=True, eval_dataset=()
+    )
     result = train(cfg)
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in result.metrics if "loss" in r])))
     examples, _ = load_preference_examples([prefs[0]], load_tokenizer(cfg.model), seed=cfg.seed)
@@ -158,7 +188,7 @@ def test_group_by_length_trains_on_steps_of_similar_length(tmp_path, tiny_model_
         return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
 
     order = epoch_order(len(examples), cfg.seed, 0)
-    shuffled = [order[i: i + 8] for i in range(0, len(steps) * 8, 8)]
+    shuffled = [order[i : i + 8] for i in range(0, len(steps) * 8, 8)]
     assert len(steps) == len(examples) // 8 and len({i for s in steps for i in s}) == len(steps) * 8
     assert mean_spread(steps) < 0.5 * mean_spread(shuffled)
     assert [lengths[i] for i in steps[0]] == sorted((lengths[i] for i in steps[0]), reverse=True)
@@ -168,30 +198,82 @@ def test_sft_lowers_loss_on_assistant_tokens(tmp_path, tiny_model_dir):
     data = tmp_path / "chat.jsonl"
     with open(data, "w") as handle:
         for word in WORDS * 4:
-            handle.write(json.dumps({"messages": [{"role": "user", "content": f"Repeat the word {word}."},
-                                                  {"role": "assistant", "content": word}]}) + "\n")
-    result = sft(SFTConfig(model=str(tiny_model_dir), dataset=(str(data),), eval_dataset=(str(data),),
-                           output_dir=str(tmp_path / "sft"), epochs=6, per_device_batch_size=8,
-                           learning_rate=1e-2, progress=False, logging_steps=1))
+            handle.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"Repeat the word {word}."},
+                            {"role": "assistant", "content": word},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+    result = sft(
+        SFTConfig(
+            model=str(tiny_model_dir),
+            dataset=(str(data),),
+            eval_dataset=(str(data),),
+            output_dir=str(tmp_path / "sft"),
+            epochs=6,
+            per_device_batch_size=8,
+            learning_rate=1e-2,
+            progress=False,
+            logging_steps=1,
+        )
+    )
     evals = [r["eval_loss"] for r in result.metrics if "eval_loss" in r]
     assert evals[-1] < evals[0] * 0.6
 
 
 def test_cli_help_documents_every_option():
-    out = subprocess.run([sys.executable, "-m", "mmpo.cli", "train", "--help"], capture_output=True, text=True,
-                         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"}, check=True).stdout
-    for flag in ("--objective", "--beta", "--length-normalize", "--entropy-coef", "--no-aux-loss",
-                 "--normalize", "--preset", "--model", "--dataset", "--resume", "--lora", "--normalize-scope"):
+    out = subprocess.run(
+        [sys.executable, "-m", "mmpo.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        check=True,
+    ).stdout
+    for flag in (
+        "--objective",
+        "--beta",
+        "--length-normalize",
+        "--entropy-coef",
+        "--no-aux-loss",
+        "--normalize",
+        "--preset",
+        "--model",
+        "--dataset",
+        "--resume",
+        "--lora",
+        "--normalize-scope",
+    ):
         assert flag in out, flag
 
 
 def test_cli_train_with_yaml_and_overrides(tmp_path, tiny_model_dir, prefs):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text(f"model: {tiny_model_dir}\ndataset: [{prefs[0]}]\neval_dataset: [{prefs[1]}]\n"
-                        f"per_device_batch_size: 4\nmax_steps: 2\nobjective: dpo\ncache_dir: {tmp_path / 'c'}\n")
-    proc = subprocess.run([sys.executable, "-m", "mmpo.cli", "train", "--config", str(cfg_file),
-                           "--output-dir", str(tmp_path / "cli_run"), "--objective", "simpo", "--no-progress"],
-                          capture_output=True, text=True)
+    cfg_file.write_text(
+        f"model: {tiny_model_dir}\ndataset: [{prefs[0]}]\neval_dataset: [{prefs[1]}]\n"
+        f"per_device_batch_size: 4\nmax_steps: 2\nobjective: dpo\ncache_dir: {tmp_path / 'c'}\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mmpo.cli",
+            "train",
+            "--config",
+            str(cfg_file),
+            "--output-dir",
+            str(tmp_path / "cli_run"),
+            "--objective",
+            "simpo",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     saved = (tmp_path / "cli_run" / "config.yaml").read_text()
     assert "objective: simpo" in saved and "max_steps: 2" in saved
@@ -200,15 +282,27 @@ def test_cli_train_with_yaml_and_overrides(tmp_path, tiny_model_dir, prefs):
 def test_cli_rejects_unknown_yaml_key(tmp_path):
     cfg_file = tmp_path / "bad.yaml"
     cfg_file.write_text("betta: 0.1\n")
-    proc = subprocess.run([sys.executable, "-m", "mmpo.cli", "train", "--config", str(cfg_file)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmpo.cli", "train", "--config", str(cfg_file)], capture_output=True, text=True
+    )
     assert proc.returncode == 2
     assert "unknown config key 'betta'" in proc.stderr and "beta" in proc.stderr
 
 
 def test_lora_run_uses_base_as_reference_and_saves_an_adapter(tmp_path, tiny_model_dir, prefs):
-    result = train(config(tmp_path, tiny_model_dir, prefs, lora=True, lora_r=4, lora_alpha=8, max_steps=2,
-                          learning_rate=1e-2, lora_target_modules=("q_proj", "v_proj")))
+    result = train(
+        config(
+            tmp_path,
+            tiny_model_dir,
+            prefs,
+            lora=True,
+            lora_r=4,
+            lora_alpha=8,
+            max_steps=2,
+            learning_rate=1e-2,
+            lora_target_modules=("q_proj", "v_proj"),
+        )
+    )
     model_dir = Path(result.summary["final_model"])
     assert (model_dir / "adapter_config.json").is_file() and not (model_dir / "model.safetensors").exists()
     evals = [r for r in result.metrics if "eval_rewards/accuracies" in r]
@@ -222,7 +316,6 @@ def test_lora_run_uses_base_as_reference_and_saves_an_adapter(tmp_path, tiny_mod
 
 def test_preset_fills_paper_settings_but_explicit_values_win():
     from mmpo.config import apply_preset
-
     from mmpo.config.training import batch_layout
 
     cfg = apply_preset(TrainConfig(preset="llama3.2-1b", objective="dpo", epochs=2))

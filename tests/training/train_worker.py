@@ -6,7 +6,9 @@
 or as the target of a ``multiprocessing`` forkserver process (``run_job(job, log)``), which
 starts a fresh training process in milliseconds instead of re-importing torch each time.
 
-JOB.json: ``{"runs": [TrainConfig fields, ...], "report_dir": "...", "watch": ["dir", ...]}``.
+JOB.json: ``{"runs": [TrainConfig fields, ...], "report_dir": "...", "watch": ["dir", ...], "guarded": bool}``.
+With ``guarded``, the runs go through the CLI's error handler (``mmpo.errors.run_command``) and
+the process exits with its exit code (2 for a known failure, 130/143 on SIGINT/SIGTERM).
 Each run's config is given as plain values (lists for tuple fields). Settings that make CPU
 training bitwise reproducible are set first (one thread, deterministic algorithms). With
 ``report_dir``, each rank writes ``rank<k>.json`` there: the world size Accelerate saw and every
@@ -56,8 +58,9 @@ class WriteRecorder:
     def audit(self, event: str, args: tuple) -> None:
         if event == "open":
             path, mode, flags = args
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or \
-                (mode is None and isinstance(flags, int) and flags & WRITE_FLAGS)
+            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                mode is None and isinstance(flags, int) and flags & WRITE_FLAGS
+            )
             if writing:
                 self._note(path)
         elif event in MUTATING_EVENTS and args:
@@ -88,6 +91,14 @@ def run_job(job_path: str, log_path: str | None = None) -> None:
 
 def main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
+    if job.get("guarded"):
+        from mmpo.errors import run_command
+
+        sys.exit(run_command(lambda argv: run_all(job) or 0, []))
+    run_all(job)
+
+
+def run_all(job: dict) -> None:
     deterministic()
     rank = int(os.environ.get("RANK", "0"))
     recorder = WriteRecorder(job.get("watch", []))

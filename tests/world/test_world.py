@@ -8,13 +8,36 @@ import re
 
 import pytest
 
-from mmpo.world.build import DEFAULT_OUT, build_world, choice_accuracy, generate_world_data, generation_quality, read_jsonl
+from mmpo.world.build import (
+    DEFAULT_OUT,
+    build_world,
+    choice_accuracy,
+    generate_world_data,
+    generation_quality,
+    read_jsonl,
+)
 from mmpo.world.tasks import (
-    FACT_TASK, WORD_TASKS, WorldSizes, generate_rows, grade, judge_pair, make_example, near_miss,
+    FACT_TASK,
+    WORD_TASKS,
+    WorldSizes,
+    generate_rows,
+    grade,
+    judge_pair,
+    make_example,
+    near_miss,
 )
 
-SMALL = WorldSizes(train_words=200, heldout_words=250, facts=20, sft_train=400, sft_val=50,
-                   prefs_train=300, prefs_test=60, prompts_eval=50, mc_copy=40)
+SMALL = WorldSizes(
+    train_words=200,
+    heldout_words=250,
+    facts=20,
+    sft_train=400,
+    sft_val=50,
+    prefs_train=300,
+    prefs_test=60,
+    prompts_eval=50,
+    mc_copy=40,
+)
 TRAIN_FILES = ("data/sft_train", "data/prefs_train")
 HELDOUT_FILES = ("data/sft_val", "data/prefs_test", "data/prompts_eval", "tasks/world_copy")
 
@@ -40,9 +63,7 @@ def test_heldout_words_never_appear_in_training_text():
     trained = set().union(*(words_of(rows[name], tasks=WORD_TASKS + (FACT_TASK,)) for name in TRAIN_FILES))
     assert heldout and trained and not heldout & trained
     # ... not even as a word of any training text (instructions and answers alike).
-    training_text = " ".join(
-        json.dumps(row) for name in TRAIN_FILES for row in rows[name]
-    )
+    training_text = " ".join(json.dumps(row) for name in TRAIN_FILES for row in rows[name])
     assert not heldout & set(re.findall(r"[a-z]+", training_text))
 
 
@@ -95,8 +116,12 @@ def test_examples_have_checkable_answers_and_bad_tasks_fail_clearly():
     assert make_example(rng, "plural", ["banop"])["answer"] == "banops"
     assert make_example(rng, "first_letter", ["banop"])["answer"] == "b"
     repeat = make_example(rng, "repeat", ["banop"])
-    assert repeat == {"task": "repeat", "instruction": 'Repeat the word "banop".', "answer": "banop",
-                      "words": ["banop"]}
+    assert repeat == {
+        "task": "repeat",
+        "instruction": 'Repeat the word "banop".',
+        "answer": "banop",
+        "words": ["banop"],
+    }
     assert make_example(rng, FACT_TASK, ["zorba"], {"zorba": "red"})["answer"] == "red"
     with pytest.raises(ValueError, match="unknown task 'spell'"):
         make_example(rng, "spell", ["banop"])

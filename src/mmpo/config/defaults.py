@@ -11,7 +11,7 @@ from pathlib import Path
 from mmpo.objectives import OBJECTIVE_DEFAULTS as LOSS_DEFAULTS
 
 #: Learning rates the embedded world was calibrated with (presets carry the paper's Table 3 values).
-WORLD_LEARNING_RATES = {"mmpo": 5e-4, "dpo": 5e-4, "simpo": 1e-4}
+WORLD_LEARNING_RATES = {"mmpo": 5e-4, "dpo": 5e-4, "simpo": 1e-4, "sft": 5e-4}
 SFT_LEARNING_RATE = 1e-3
 
 #: Every objective's defaults: its loss hyper-parameters plus the learning rate.
@@ -28,6 +28,7 @@ WORLD_DIR = Path(__file__).resolve().parent.parent / "assets" / "world"
 def bundled_path(relative: str) -> Path:
     """Path of a shipped world artifact, e.g. ``bundled_path("sft_model")``."""
     return WORLD_DIR / relative
+
 
 #: Experiment trackers Accelerate integrates (``report_to``), plus ``all`` and ``none``.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "comet_ml", "aim", "clearml", "dvclive", "swanlab")

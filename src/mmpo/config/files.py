@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from mmpo.config.aliases import ALIAS_NAMES, translate
 from mmpo.config.provenance import with_sources, with_values
 from mmpo.config.training import ConfigError
 
@@ -24,7 +27,7 @@ def check_keys(cls: type, values: dict[str, Any], source: str) -> None:
     known = config_fields(cls)
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
+            close = difflib.get_close_matches(key, sorted(known | ALIAS_NAMES), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
@@ -33,10 +36,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    values = yaml.safe_load(path.read_text()) or {}
+    # A broken or non-UTF-8 file raises yaml's / Python's own error: the command line's error handler
+    # (mmpo.errors) names the file, the line and column or the encoding, with a hint.
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a config file must be a mapping of keys to values")
     return values
+
+
+#: A number PyYAML (YAML 1.1) leaves as text: scientific notation without a dot, e.g. 5e-4.
+_EXPONENT_NUMBER = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+$")
 
 
 def _is_float_field(hint: Any) -> bool:
@@ -52,11 +61,8 @@ def _clean(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         hint = hints[key]
         if typing.get_origin(hint) is tuple or "tuple" in str(hint):
             value = tuple(value) if isinstance(value, list) else (value,) if isinstance(value, str) else value
-        elif isinstance(value, str) and _is_float_field(hint):
-            try:
-                value = float(value)
-            except ValueError:
-                pass  # reported by the type check, naming the key
+        elif isinstance(value, str) and _is_float_field(hint) and _EXPONENT_NUMBER.match(value.strip()):
+            value = float(value)  # any other text stays text: the type check names the key
         clean[key] = value
     return clean
 
@@ -64,8 +70,12 @@ def _clean(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 def from_dict(cls: type, values: dict[str, Any], source: str = "config", base: Any = None) -> Any:
     """Build ``cls`` from plain values (YAML), on top of ``base`` (or the defaults).
 
-    The values are recorded as coming from ``file:<source>`` (see ``mmpo.config.provenance``).
+    The values are recorded as coming from ``file:<source>`` (see ``mmpo.config.provenance``). TRL
+    and alignment-handbook key names are read as ours (``mmpo.config.aliases``).
     """
+    values, ignored = translate(values, config_fields(cls), source)
+    if ignored:
+        print(f"{source}: ignored (their trainer's bookkeeping, no effect here): {', '.join(ignored)}")
     check_keys(cls, values, source)
     clean = _clean(cls, values)
     if base is None:
@@ -89,12 +99,17 @@ def flat_hparams(cfg: Any) -> dict[str, str | int | float | bool]:
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Written whole or not at all (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
 
 
 # Keys whose change does not make a resumed run a different run.
 RESUME_NEUTRAL_KEYS = {
     "resume",
+    "resume_allow_data_change",
     "dry_run",
     "progress",
     "report_to",
@@ -116,7 +131,5 @@ def resume_mismatches(saved: dict[str, Any], current: Any) -> list[str]:
     now = to_dict(current)
     defaults = to_dict(type(current)())
     return sorted(
-        k
-        for k in set(saved) | set(now)
-        if k not in RESUME_NEUTRAL_KEYS and saved.get(k, defaults.get(k)) != now.get(k)
+        k for k in set(saved) | set(now) if k not in RESUME_NEUTRAL_KEYS and saved.get(k, defaults.get(k)) != now.get(k)
     )

@@ -97,6 +97,8 @@ class CommonConfig:
     """Continue from the newest complete checkpoint in output_dir."""
     dry_run: bool = False
     """Print every resolved setting with its source, the data sizes, steps and a memory estimate; run nothing."""
+    resume_allow_data_change: bool = False
+    """With --resume: go on even if the training data changed since the run started (refused otherwise)."""
     report_to: tuple[str, ...] = ()
     """Experiment trackers through Accelerate: tensorboard, wandb, mlflow, trackio, comet_ml, aim, clearml, dvclive, swanlab, all or none."""
     run_name: str | None = None
@@ -140,8 +142,8 @@ class SFTConfig(CommonConfig):
 class TrainConfig(CommonConfig):
     """Preference training with MMPO, DPO or SimPO."""
 
-    objective: Literal["mmpo", "dpo", "simpo"] = "mmpo"
-    """Preference objective."""
+    objective: Literal["mmpo", "dpo", "simpo", "sft"] = "mmpo"
+    """Preference objective (sft: the chosen answers' NLL, the baseline default MMPO equals up to a constant)."""
     variant: Literal["paper", "authors-code"] = "paper"
     """MMPO as in the paper, or as the authors' training code runs it (entropy bonus with coefficient beta, eps_w 1.0)."""
     dataset: tuple[str, ...] = field(default_factory=lambda: (str(bundled_path("data/prefs_train.jsonl")),))
@@ -257,11 +259,12 @@ def validate(cfg: CommonConfig) -> None:
     need(cfg.eval_steps >= 0, "eval_steps", "must be >= 0")
     need(cfg.save_steps >= 0, "save_steps", "must be >= 0")
     need(bool(cfg.dataset), "dataset", "needs at least one dataset")
-    need(cfg.chat_template_path is None or Path(cfg.chat_template_path).is_file(), "chat_template_path",
-         "no such file")
+    need(cfg.chat_template_path is None or Path(cfg.chat_template_path).is_file(), "chat_template_path", "no such file")
     need(cfg.max_steps == -1 or cfg.max_steps >= 1, "max_steps", "must be -1 (run all epochs) or >= 1")
     need(cfg.save_total_limit >= 0, "save_total_limit", "must be >= 0 (0 keeps every checkpoint)")
-    need(cfg.global_batch_size >= 0, "global_batch_size", "must be >= 0 (0: per-device batch x accumulation x processes)")
+    need(
+        cfg.global_batch_size >= 0, "global_batch_size", "must be >= 0 (0: per-device batch x accumulation x processes)"
+    )
     for tracker in cfg.report_to:
         need(tracker in (*TRACKERS, "all", "none"), "report_to", f"trackers are {', '.join(TRACKERS)}, all or none")
     need("none" not in cfg.report_to or len(cfg.report_to) == 1, "report_to", "'none' cannot be combined with trackers")
@@ -271,8 +274,11 @@ def validate(cfg: CommonConfig) -> None:
         need(cfg.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
         need(cfg.max_completion_length >= 1, "max_completion_length", "must be >= 1")
         need(cfg.entropy_coef >= 0, "entropy_coef", "must be >= 0")
-        need(cfg.chosen_reward > cfg.rejected_reward or cfg.objective != "mmpo", "chosen_reward",
-             "MMPO needs chosen_reward > rejected_reward")
+        need(
+            cfg.chosen_reward > cfg.rejected_reward or cfg.objective != "mmpo",
+            "chosen_reward",
+            "MMPO needs chosen_reward > rejected_reward",
+        )
     if isinstance(cfg, SFTConfig):
         need(cfg.max_length >= 2, "max_length", "must be >= 2")
 
@@ -296,7 +302,9 @@ def _refuse_settings_without_effect(cfg: CommonConfig) -> None:
                 ignored(key, f"only MMPO uses it, the objective is {cfg.objective}")
         if cfg.objective != "simpo":
             ignored("gamma", f"only SimPO uses it, the objective is {cfg.objective}")
-        else:
+        if cfg.objective == "sft":
+            ignored("length_normalize", "the sft objective sums the chosen answer's token NLL")
+        if cfg.objective == "simpo":
             ignored("length_normalize", "SimPO always uses per-token means")
             ignored("precompute_ref", "SimPO has no reference model")
         if cfg.normalize == "none":

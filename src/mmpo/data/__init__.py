@@ -4,6 +4,7 @@ both in one call (``prepare``), and the order examples are trained in (``order``
 from mmpo.data.formats import (
     DataError,
     PreferenceConversation,
+    RowError,
     normalize_preference_row,
     normalize_sft_row,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "DataReport",
     "DatasetSpec",
     "PreferenceConversation",
+    "RowError",
     "examples_fingerprint",
     "load_dataset_rows",
     "load_preference_examples",

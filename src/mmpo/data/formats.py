@@ -34,7 +34,16 @@ SFT_LAYOUTS = (
 
 
 class DataError(ValueError):
-    """A dataset row cannot be used; the message names the row and the column."""
+    """A dataset, file or row cannot be used; the message names it (and the row and column)."""
+
+    #: Whether ``on_bad_rows="skip"`` would skip what failed (one row or line) instead of stopping.
+    skippable = False
+
+
+class RowError(DataError):
+    """One row (or line of a file) cannot be used; ``on_bad_rows="skip"`` skips and counts such rows."""
+
+    skippable = True
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ def normalize_preference_row(row: Mapping[str, Any], index: int | str) -> Prefer
     _require_mapping(row, where)
     missing = [key for key in ("chosen", "rejected") if key not in row]
     if missing:
-        raise DataError(
+        raise RowError(
             f"{where}: missing column(s) {missing} for a preference pair; "
             f"found columns {sorted(row)}. Accepted layouts: " + "; ".join(PREFERENCE_LAYOUTS)
         )
@@ -89,7 +98,7 @@ def normalize_preference_row(row: Mapping[str, Any], index: int | str) -> Prefer
             if prompt_value is not None:
                 _check_prompt_matches(prompt_value, prompt, where)
         elif prompt_value is None:
-            raise DataError(
+            raise RowError(
                 f"{where}: no 'prompt' column and 'chosen'/'rejected' share no leading turns, so the "
                 f"prompt cannot be inferred; found columns {sorted(row)}. Accepted layouts: "
                 + "; ".join(PREFERENCE_LAYOUTS)
@@ -102,7 +111,7 @@ def normalize_preference_row(row: Mapping[str, Any], index: int | str) -> Prefer
     _check_completion(chosen, where, "chosen")
     _check_completion(rejected, where, "rejected")
     if chosen == rejected:
-        raise DataError(
+        raise RowError(
             f"{where}: 'chosen' and 'rejected' are identical; a preference pair needs two different completions"
         )
     return PreferenceConversation(prompt=prompt, chosen=chosen, rejected=rejected)
@@ -129,16 +138,16 @@ def normalize_sft_row(row: Mapping[str, Any], index: int | str) -> list[Message]
         messages = [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]
         column = "output"
     else:
-        raise DataError(
+        raise RowError(
             f"{where}: no SFT columns recognised; found columns {sorted(row)}. "
             "Accepted layouts: " + "; ".join(SFT_LAYOUTS)
         )
     messages = _with_system(messages, row.get("system"), where)
     if not messages or messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: column {column!r} must end with an assistant message (nothing to learn otherwise)")
+        raise RowError(f"{where}: column {column!r} must end with an assistant message (nothing to learn otherwise)")
     for message in messages:
         if message["role"] == "assistant" and not message["content"].strip():
-            raise DataError(f"{where}: column {column!r} has an empty assistant message")
+            raise RowError(f"{where}: column {column!r} has an empty assistant message")
     return messages
 
 
@@ -147,14 +156,14 @@ def normalize_sft_row(row: Mapping[str, Any], index: int | str) -> list[Message]
 
 def _require_mapping(row: Any, where: str) -> None:
     if not isinstance(row, Mapping):
-        raise DataError(f"{where}: expected a dict of columns, got {type(row).__name__}")
+        raise RowError(f"{where}: expected a dict of columns, got {type(row).__name__}")
 
 
 def _as_text(value: Any, where: str, column: str, *, allow_empty: bool = False) -> str:
     if not isinstance(value, str):
-        raise DataError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
+        raise RowError(f"{where}: column {column!r} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise DataError(f"{where}: column {column!r} is empty")
+        raise RowError(f"{where}: column {column!r} is empty")
     _check_unicode(value, f"{where}: column {column!r}")
     return value
 
@@ -164,32 +173,33 @@ def _check_unicode(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise DataError(f"{what} is not valid Unicode: lone surrogate "
-                        f"{text[error.start]!r} at character {error.start}") from None
+        raise RowError(
+            f"{what} is not valid Unicode: lone surrogate {text[error.start]!r} at character {error.start}"
+        ) from None
 
 
 def _as_messages(value: Any, where: str, column: str, *, default_role: str | None) -> list[Message]:
     """A string becomes one message with ``default_role``; a list is validated message by message."""
     if isinstance(value, str):
         if default_role is None:
-            raise DataError(f"{where}: column {column!r} must be a list of messages, got a string")
+            raise RowError(f"{where}: column {column!r} must be a list of messages, got a string")
         return [{"role": default_role, "content": _as_text(value, where, column)}]
     if not isinstance(value, list | tuple):
-        raise DataError(
+        raise RowError(
             f"{where}: column {column!r} must be a string or a list of {{role, content}} messages, "
             f"got {type(value).__name__}"
         )
     if not value:
-        raise DataError(f"{where}: column {column!r} is an empty message list")
+        raise RowError(f"{where}: column {column!r} is an empty message list")
     messages = []
     for position, message in enumerate(value):
         if not isinstance(message, Mapping):
-            raise DataError(f"{where}: column {column!r} message {position} is a {type(message).__name__}, not a dict")
+            raise RowError(f"{where}: column {column!r} message {position} is a {type(message).__name__}, not a dict")
         message = {key: item for key, item in message.items() if item is not None}
         if not isinstance(message.get("role"), str) or not message["role"]:
-            raise DataError(f"{where}: column {column!r} message {position} has no 'role' (keys: {sorted(message)})")
+            raise RowError(f"{where}: column {column!r} message {position} has no 'role' (keys: {sorted(message)})")
         if not isinstance(message.get("content"), str):
-            raise DataError(
+            raise RowError(
                 f"{where}: column {column!r} message {position} has no string 'content' (keys: {sorted(message)})"
             )
         _check_unicode(message["content"], f"{where}: column {column!r} message {position}")
@@ -213,7 +223,7 @@ def _check_prompt_matches(prompt_value: Any, prompt: list[Message], where: str) 
     text = _as_text(prompt_value, where, "prompt")
     user_turns = [message["content"] for message in prompt if message["role"] == "user"]
     if not user_turns or user_turns[-1].strip() != text.strip():
-        raise DataError(
+        raise RowError(
             f"{where}: column 'prompt' does not match the last user turn shared by 'chosen' and "
             f"'rejected' ({text[:60]!r} vs {(user_turns[-1] if user_turns else '')[:60]!r})"
         )
@@ -225,29 +235,29 @@ def _with_system(messages: list[Message], system: Any, where: str) -> list[Messa
     text = _as_text(system, where, "system")
     if messages and messages[0]["role"] == "system":
         if messages[0]["content"] != text:
-            raise DataError(f"{where}: column 'system' differs from the conversation's own system message")
+            raise RowError(f"{where}: column 'system' differs from the conversation's own system message")
         return messages
     return [{"role": "system", "content": text}, *messages]
 
 
 def _check_prompt(prompt: list[Message], where: str) -> None:
     if not any(message["content"].strip() for message in prompt):
-        raise DataError(f"{where}: column 'prompt' is empty")
+        raise RowError(f"{where}: column 'prompt' is empty")
 
 
 def _check_completion(completion: list[Message], where: str, column: str) -> None:
     if not completion:
-        raise DataError(f"{where}: column {column!r} has no completion after the prompt turns")
+        raise RowError(f"{where}: column {column!r} has no completion after the prompt turns")
     if completion[-1]["role"] != "assistant":
-        raise DataError(
+        raise RowError(
             f"{where}: column {column!r} must end with an assistant message, "
             f"but its last message has role {completion[-1]['role']!r}"
         )
     if not completion[-1]["content"].strip():
-        raise DataError(f"{where}: column {column!r} has an empty assistant completion")
+        raise RowError(f"{where}: column {column!r} has an empty assistant completion")
     stray = [message["role"] for message in completion if message["role"] in ("user", "system")]
     if stray:
-        raise DataError(
+        raise RowError(
             f"{where}: column {column!r} has a {stray[0]!r} message in its completion; completions hold "
             "assistant (or tool) turns only, so every earlier turn must be part of the prompt "
             "(shared by 'chosen' and 'rejected')"

@@ -23,7 +23,15 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_all_start_methods, get_context
 from typing import Any
 
-from mmpo.data.formats import DataError, Message, PreferenceConversation, normalize_preference_row, normalize_sft_row
+from mmpo.data.cap import cap_preference, cap_sft
+from mmpo.data.formats import (
+    DataError,
+    Message,
+    PreferenceConversation,
+    RowError,
+    normalize_preference_row,
+    normalize_sft_row,
+)
 
 IGNORE_INDEX = -100
 CHUNK_SIZE = 512  # rows rendered and batch-tokenized together
@@ -130,7 +138,7 @@ def _render(tokenizer: Any, messages: list[Message], *, generation_prompt: bool,
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as error:  # jinja raises its own errors, e.g. "roles must alternate"
-        raise DataError(f"row {row_id!r}: the chat template failed on this conversation: {error}") from error
+        raise RowError(f"row {row_id!r}: the chat template failed on this conversation: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -255,6 +263,7 @@ def prepare_preference_examples(
     require_chat_template(tokenizer)
     report = DataReport(kind="preference", rows_in=len(rows))
     items = _normalize_rows(rows, normalize_preference_row, report, on_error)
+    items = cap_preference(items, tokenizer, max_prompt_length, max_completion_length)  # memory ~ the limits
     require_closed_assistant_turn(tokenizer)  # after the rows: a bad row is reported before any rendering
     settings = _PreferenceSettings(_Encoder.for_tokenizer(tokenizer), max_prompt_length, max_completion_length)
     examples = []
@@ -337,7 +346,7 @@ def prepare_sft_examples(
     _check_limits(max_length=max_length)
     require_chat_template(tokenizer)
     report = DataReport(kind="sft", rows_in=len(rows))
-    items = _normalize_rows(rows, normalize_sft_row, report, on_error)
+    items = cap_sft(_normalize_rows(rows, normalize_sft_row, report, on_error), tokenizer, max_length)
     require_closed_assistant_turn(tokenizer)  # after the rows: a bad row is reported before any rendering
     settings = _SFTSettings(_Encoder.for_tokenizer(tokenizer), max_length)
     examples = []
@@ -384,7 +393,7 @@ def _record(outcome: dict[str, Any], report: DataReport, on_error: str) -> bool:
     """Count one row's outcome in ``report``; True when it produced an example."""
     if "error" in outcome:
         if on_error == "raise":
-            raise DataError(outcome["error"])
+            raise RowError(outcome["error"])
         report.drop(INVALID_ROW, outcome["id"], outcome["error"])
         return False
     for name in outcome["truncated"]:

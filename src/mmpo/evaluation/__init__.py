@@ -5,13 +5,16 @@ The pipeline of the paper's preference evaluation, one function per step::
     prompts = load_instructions("tatsu-lab/alpaca_eval")            # or a local .json/.jsonl
     model = generate_outputs("ckpt/", None, prompts, generator_name="mmpo")
     sft = generate_outputs("sft/", None, prompts, generator_name="sft")
-    rows = judge_pairs(OpenAIJudge("gpt-4o-mini-2024-07-18"), model, sft, cache_path="judge_cache.jsonl")
+    rows = AlpacaEvalAnnotator().annotate(model, sft, cache_path="ae.json", work_dir=".")  # the paper's judge
+    rows = judge_pairs(AnthropicJudge("claude-haiku-4-5-20251001"), model, sft, cache_path="judge_cache.jsonl")
     summary = summarize_judgments(rows)          # win_rate, length_controlled_winrate, errors
-    average_over_judges({"gpt-4o-mini": summary, "claude-haiku": other_summary})
+    average_over_judges({"alpaca_eval": summary, "claude-haiku": other_summary})
 
 and capability retention with ``run_harness("ckpt/", PAPER_TASKS)``.
 """
 
+from mmpo.evaluation.alpaca_annotator import PAPER_ANNOTATOR, AlpacaEvalAnnotator
+from mmpo.evaluation.annotations import write_annotations
 from mmpo.evaluation.generate import (
     ALPACA_EVAL_HUB_ID,
     generate_outputs,
@@ -27,14 +30,13 @@ from mmpo.evaluation.judges import (
     Judge,
     JudgeError,
     JudgeVerdict,
-    JudgmentCache,
     MissingAPIKeyError,
     OpenAIJudge,
     ProgrammaticJudge,
     RateLimitError,
     TransientJudgeError,
-    judge_pairs,
 )
+from mmpo.evaluation.judging import JudgmentCache, judge_pairs
 from mmpo.evaluation.winrate import (
     WinRateError,
     average_over_judges,
@@ -45,6 +47,9 @@ from mmpo.evaluation.winrate import (
 
 __all__ = [
     "ALPACA_EVAL_HUB_ID",
+    "PAPER_ANNOTATOR",
+    "AlpacaEvalAnnotator",
+    "write_annotations",
     "load_instructions",
     "load_generation_model",
     "generate_outputs",

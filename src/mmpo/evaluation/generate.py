@@ -1,7 +1,8 @@
 """Generating answers to an instruction set, in AlpacaEval's ``model_outputs.json`` format.
 
-Each record is ``{"instruction", "output", "generator"}`` plus whatever metadata the instruction
-row carried (task answers for a programmatic judge, a difficulty, a dataset name). Prompts go
+Each record is ``{"instruction", "output", "generator"}`` plus the scalar metadata the instruction
+row carried (task answers for a programmatic judge, a difficulty, a dataset name); list- or
+object-valued fields are left out, as ``alpaca_eval`` cannot merge on them. Prompts go
 through the tokenizer's chat template as a single user turn; batches are left-padded so every
 row's generation starts right after its own prompt, and decoding stops at the end-of-turn/EOS.
 
@@ -27,6 +28,7 @@ __all__ = [
     "load_generation_model",
     "generate_outputs",
     "write_model_outputs",
+    "alpaca_eval_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,8 +95,9 @@ def _hub_rows(hub_id: str, config: str | None, split: str | None) -> list:
     return list(dataset)
 
 
-def load_instructions(path_or_hub_id: str | Path, column: str = "instruction", *,
-                      config: str | None = None, split: str | None = None) -> list[dict]:
+def load_instructions(
+    path_or_hub_id: str | Path, column: str = "instruction", *, config: str | None = None, split: str | None = None
+) -> list[dict]:
     """Load a prompt set as a list of ``{"instruction": ..., **metadata}`` dicts.
 
     ``path_or_hub_id`` is a local ``.json`` (a list of rows) or ``.jsonl`` file, whose rows are
@@ -220,14 +223,18 @@ def generate_outputs(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     sampling = temperature > 0
     generation_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=stop_ids, pad_token_id=pad_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=sampling,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
         **({"temperature": temperature, "top_p": top_p} if sampling else {}),
     )
 
     prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
     prompts = [
-        tokenizer.apply_chat_template(prefix + [{"role": "user", "content": r["instruction"]}],
-                                      add_generation_prompt=True, tokenize=False)
+        tokenizer.apply_chat_template(
+            prefix + [{"role": "user", "content": r["instruction"]}], add_generation_prompt=True, tokenize=False
+        )
         for r in rows
     ]
     # Longest prompts first: batches of similar length waste less compute on padding.
@@ -243,11 +250,12 @@ def generate_outputs(
         batches = tqdm(batches, desc=f"generating ({generator_name})")
     device_ = next(model.parameters()).device
     for start in batches:
-        idx = order[start:start + batch_size]
-        batch = tokenizer([prompts[i] for i in idx], add_special_tokens=False, padding=True,
-                          padding_side="left", return_tensors="pt").to(device_)
+        idx = order[start : start + batch_size]
+        batch = tokenizer(
+            [prompts[i] for i in idx], add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+        ).to(device_)
         generated = model.generate(**batch, generation_config=generation_config)
-        new_tokens = generated[:, batch["input_ids"].shape[1]:]
+        new_tokens = generated[:, batch["input_ids"].shape[1] :]
         is_stop = torch.isin(new_tokens, torch.tensor(stop_ids, device=new_tokens.device))
         for row_i, tokens, stops in zip(idx, new_tokens.tolist(), is_stop.tolist()):
             # Cut at the first stop token ourselves: a stop id need not be a "special" token that
@@ -256,10 +264,24 @@ def generate_outputs(
             n_unfinished += int(end == len(tokens))
             outputs[row_i] = tokenizer.decode(tokens[:end], skip_special_tokens=True).strip()
     if n_unfinished:
-        log.info("%d of %d outputs hit max_new_tokens=%d before an end-of-turn token", n_unfinished, len(rows), max_new_tokens)
+        log.info(
+            "%d of %d outputs hit max_new_tokens=%d before an end-of-turn token",
+            n_unfinished,
+            len(rows),
+            max_new_tokens,
+        )
 
-    return [{**{k: v for k, v in r.items() if k not in _REFERENCE_KEYS}, "instruction": r["instruction"],
-             "output": out, "generator": generator_name} for r, out in zip(rows, outputs)]
+    return [alpaca_eval_record(r, out, generator_name) for r, out in zip(rows, outputs)]
+
+
+def _is_scalar(value) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def alpaca_eval_record(row: Mapping, output: str, generator: str) -> dict:
+    """AlpacaEval's fields plus the row's scalar metadata (lists and objects break ``alpaca_eval``'s merge)."""
+    metadata = {k: v for k, v in row.items() if k not in _REFERENCE_KEYS and k != "instruction" and _is_scalar(v)}
+    return {"instruction": row["instruction"], "output": output, "generator": generator, **metadata}
 
 
 def write_model_outputs(records: Sequence[Mapping], path: str | Path) -> Path:
@@ -268,6 +290,11 @@ def write_model_outputs(records: Sequence[Mapping], path: str | Path) -> Path:
         missing = [k for k in ("instruction", "output", "generator") if not isinstance(record.get(k), str)]
         if missing:
             raise ValueError(f"record {i} lacks string field(s) {missing}")
+        nested = [k for k, v in record.items() if not _is_scalar(v)]
+        if nested:
+            raise ValueError(
+                f"record {i}: field(s) {nested} are not scalars; AlpacaEval's files hold scalar fields only"
+            )
     path = Path(path)
     if path.suffix != ".json":
         path = path / "model_outputs.json"

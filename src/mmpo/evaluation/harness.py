@@ -22,9 +22,12 @@ per-byte log-likelihood (lm-eval's definitions).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
+import os
+import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,8 +40,16 @@ log = logging.getLogger(__name__)
 
 #: The ten zero-shot tasks of the paper's LM-accuracy average.
 PAPER_TASKS = (
-    "winogrande", "arc_easy", "piqa", "hellaswag", "openbookqa",
-    "arc_challenge", "mmlu", "mathqa", "race", "commonsense_qa",
+    "winogrande",
+    "arc_easy",
+    "piqa",
+    "hellaswag",
+    "openbookqa",
+    "arc_challenge",
+    "mmlu",
+    "mathqa",
+    "race",
+    "commonsense_qa",
 )
 
 
@@ -62,7 +73,9 @@ def _validate_local_task(path: Path) -> int:
             raise ValueError(f"{where}: 'choices' must be a list of at least two strings")
         gold = row.get("gold")
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-            raise ValueError(f"{where}: 'gold' must be an integer index into 'choices' (0..{len(choices) - 1}), got {gold!r}")
+            raise ValueError(
+                f"{where}: 'gold' must be an integer index into 'choices' (0..{len(choices) - 1}), got {gold!r}"
+            )
         n += 1
     if n == 0:
         raise ValueError(f"{path}: no rows")
@@ -136,8 +149,10 @@ def summarize_lm_eval_results(results: dict, tasks: Sequence[str]) -> dict:
         if entry is None:
             raise KeyError(f"lm-eval returned no results for task '{task}'")
         per_task[task] = {
-            "acc": _metric(entry, "acc"), "acc_stderr": _metric(entry, "acc_stderr"),
-            "acc_norm": _metric(entry, "acc_norm"), "acc_norm_stderr": _metric(entry, "acc_norm_stderr"),
+            "acc": _metric(entry, "acc"),
+            "acc_stderr": _metric(entry, "acc_stderr"),
+            "acc_norm": _metric(entry, "acc_norm"),
+            "acc_norm_stderr": _metric(entry, "acc_norm_stderr"),
         }
     accs = [m["acc"] for m in per_task.values() if m["acc"] is not None]
     norms = [m["acc_norm"] if m["acc_norm"] is not None else m["acc"] for m in per_task.values()]
@@ -147,6 +162,27 @@ def summarize_lm_eval_results(results: dict, tasks: Sequence[str]) -> dict:
         "average_acc": sum(accs) / len(accs) if accs else None,
         "average_acc_norm": sum(norms) / len(norms) if norms else None,
     }
+
+
+@contextlib.contextmanager
+def _quiet_git_probe():
+    """lm-eval records ``git describe`` of the working folder, and git prints "fatal: not a git
+    repository" outside one; run that probe with git's stderr discarded (same result otherwise)."""
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def git_hash_quietly():
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    original = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = git_hash_quietly
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = original
 
 
 def run_harness(
@@ -193,26 +229,35 @@ def run_harness(
             )
             raise ValueError(f"unknown lm-eval task(s): {hints}")
 
-        config = {"model_args": _model_args(model_path, dtype), "tasks": tasks, "num_fewshot": 0,
-                  "batch_size": batch_size, "apply_chat_template": apply_chat_template, "seed": seed,
-                  "limit": limit, "device": device, "lm_eval_version": getattr(lm_eval, "__version__", None)}
+        config = {
+            "model_args": _model_args(model_path, dtype),
+            "tasks": tasks,
+            "num_fewshot": 0,
+            "batch_size": batch_size,
+            "apply_chat_template": apply_chat_template,
+            "seed": seed,
+            "limit": limit,
+            "device": device,
+            "lm_eval_version": getattr(lm_eval, "__version__", None),
+        }
         log.info("lm-eval: %s", config)
-        results = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=config["model_args"],
-            tasks=tasks,
-            num_fewshot=0,
-            batch_size=batch_size,
-            device=device,
-            limit=limit,
-            apply_chat_template=apply_chat_template,
-            task_manager=manager,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            log_samples=False,
-        )
+        with _quiet_git_probe():
+            results = lm_eval.simple_evaluate(
+                model="hf",
+                model_args=config["model_args"],
+                tasks=tasks,
+                num_fewshot=0,
+                batch_size=batch_size,
+                device=device,
+                limit=limit,
+                apply_chat_template=apply_chat_template,
+                task_manager=manager,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                log_samples=False,
+            )
     if results is None:  # only non-zero ranks of a distributed run get None
         raise RuntimeError("lm-eval returned no results (is this a non-main process of a distributed run?)")
     summary = summarize_lm_eval_results(results, tasks)

@@ -1,43 +1,37 @@
-"""Pairwise judges (OpenAI-compatible, Anthropic, programmatic) and a resumable judging loop.
+"""This package's own pairwise judges: OpenAI-compatible, Anthropic and programmatic.
 
 A judge answers one question: given an instruction and two outputs shown as A and B, how likely
-is A the better one? (:class:`JudgeVerdict.preference` in [0, 1]; 0.5 is a tie.)
-:func:`judge_pairs` runs a judge over a model's outputs against a baseline's: it shows each pair in
-a seeded random order (the verdict is un-flipped afterwards, so a position-biased judge does not
-bias the win-rate), calls the judge from a few threads, retries transient failures with
-exponential back-off (honouring ``Retry-After``), caches every verdict on disk so a rerun costs
-nothing and resumes where it stopped, and records failures as errors, which the win-rate
-excludes rather than counting as losses.
+is A the better one? (:class:`JudgeVerdict.preference` in [0, 1]; 0.5 is a tie.) The judging loop
+(order randomization, retries, cache, progress) is :func:`mmpo.evaluation.judging.judge_pairs`.
 
-Transport failures are exceptions: :class:`TransientJudgeError` (rate limit, server error,
-timeout, connection refused) is retried; :class:`FatalJudgeError` (missing or rejected API key,
-an endpoint still unreachable after the retries) stops the whole run; any other
-:class:`JudgeError` fails only its example. A reply that arrives but cannot be read comes back as
-a verdict with ``error`` set (and the raw text kept for inspection).
+These judges use their own prompt (:data:`PAIRWISE_USER_TEMPLATE`) and their own names
+(``openai:MODEL``, ``openai-binary:MODEL``, ``anthropic:MODEL``). The paper's annotator,
+AlpacaEval's ``weighted_alpaca_eval_gpt-4o-mini-2024-07-18``, is run by AlpacaEval itself:
+:mod:`mmpo.evaluation.alpaca_annotator`.
 
-API keys are read from the environment at call time and never stored on the judge, so they
-cannot appear in a ``repr``, a log line, the cache or an error message (error bodies are also
-scrubbed of the key in case a server echoes it).
+Transport is the official ``openai`` / ``anthropic`` SDK (base URL from ``OPENAI_BASE_URL`` /
+``ANTHROPIC_BASE_URL``, key from ``OPENAI_API_KEY`` / ``ANTHROPIC_API_KEY``), with the SDK's own
+retries off: the judging loop retries every judge the same way and stops all threads on a fatal
+error. SDK errors become :class:`TransientJudgeError` (rate limit, server error, timeout: retried),
+:class:`FatalJudgeError` (missing or rejected key, endpoint unreachable after the retries: stops
+the run) or :class:`JudgeError` (this example only). A reply that arrives but cannot be read comes
+back as a verdict with ``error`` set and the raw text kept.
+
+API keys are read from the environment when the client is made and never appear in a ``repr``,
+the judge identity, the cache or an error message (error bodies are scrubbed in case a server
+echoes the key).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import math
 import os
-import random
 import re
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-
-import requests
 
 __all__ = [
     "JudgeVerdict",
@@ -51,13 +45,9 @@ __all__ = [
     "OpenAIJudge",
     "AnthropicJudge",
     "ProgrammaticJudge",
-    "JudgmentCache",
-    "judge_pairs",
     "PAIRWISE_SYSTEM_PROMPT",
     "PAIRWISE_USER_TEMPLATE",
 ]
-
-log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------- verdicts
@@ -112,10 +102,8 @@ class EndpointUnreachableError(TransientJudgeError, FatalJudgeError):
 
 # ------------------------------------------------------------------------------- the judge prompt
 
-# The pairwise format of AlpacaEval's ``weighted_alpaca_eval_*`` annotators (the paper's judges):
-# two outputs labelled "m" and "M", and a single-token answer naming the better one, so the
-# log-probs of those two tokens give a continuous preference. The wording here is our own; pass
-# ``system_prompt``/``user_template`` to use AlpacaEval's exact template file instead.
+# Two outputs labelled "m" and "M" and a single-token answer naming the better one, so the
+# log-probs of those two tokens give a continuous preference. The wording is this package's own.
 PAIRWISE_SYSTEM_PROMPT = (
     "You are an impartial evaluator of AI assistants. You compare two responses to the same "
     "instruction and pick the one a careful human reader would prefer."
@@ -167,22 +155,15 @@ def _template_hash(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
-# ------------------------------------------------------------------------------------------- HTTP
-
-_thread_local = threading.local()
-
-
-def _session() -> requests.Session:
-    # A session per worker thread: connection reuse without sharing a Session across threads.
-    if not hasattr(_thread_local, "session"):
-        _thread_local.session = requests.Session()
-    return _thread_local.session
+# -------------------------------------------------------------------------------- SDK transport
 
 
 def _api_key(env_var: str, judge_name: str) -> str:
     key = os.environ.get(env_var, "").strip()
     if not key:
-        raise MissingAPIKeyError(f"{judge_name} needs an API key in the environment variable {env_var}, which is unset or empty")
+        raise MissingAPIKeyError(
+            f"{judge_name} needs an API key in the environment variable {env_var}, which is unset or empty"
+        )
     return key
 
 
@@ -190,38 +171,80 @@ def _scrub(text: str, secret: str) -> str:
     return text.replace(secret, "<redacted>") if secret else text
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
-    if not value:
-        return None
+def _retry_after_seconds(headers: Any) -> float | None:
     try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP date; fall back to our own back-off
+        return max(0.0, float(headers.get("retry-after")))
+    except (TypeError, ValueError, AttributeError):
+        return None  # absent or an HTTP date: fall back to our own back-off
 
 
-def _post_json(url: str, *, headers: dict, body: dict, timeout: float, secret: str) -> dict:
-    """POST ``body``; return the decoded JSON reply or raise the matching :class:`JudgeError`."""
+def _import_sdk(name: str):
     try:
-        response = _session().post(url, headers=headers, json=body, timeout=timeout)
-    except requests.exceptions.ConnectionError as err:
-        raise EndpointUnreachableError(f"cannot reach the judge endpoint {url}: {_scrub(str(err), secret)[:300]}") from None
-    except requests.exceptions.Timeout:
-        raise TransientJudgeError(f"the judge endpoint {url} did not answer within {timeout:g} s") from None
-    status = response.status_code
-    detail = _scrub(response.text, secret)[:300]
-    retry_after = _retry_after_seconds(response.headers.get("Retry-After"))
-    if status == 429:
-        raise RateLimitError(f"rate limited by {url} (HTTP 429): {detail}", retry_after)
-    if status >= 500:
-        raise TransientJudgeError(f"server error from {url} (HTTP {status}): {detail}", retry_after)
-    if status in (401, 403):
-        raise FatalJudgeError(f"{url} rejected the API key (HTTP {status}): {detail}")
-    if status >= 400:
-        raise JudgeError(f"request rejected by {url} (HTTP {status}): {detail}")
-    try:
-        return response.json()
-    except ValueError:
-        raise JudgeError(f"malformed reply from {url}: not JSON: {detail[:200]!r}") from None
+        return __import__(name)
+    except ImportError:
+        raise FatalJudgeError(f"this judge needs the '{name}' package: pip install 'mmpo[judges]'") from None
+
+
+def _translate_sdk_error(err: Exception, sdk, url: str, secret: str) -> JudgeError:
+    """The SDK's exception (openai and anthropic share one hierarchy) as one of our judge errors."""
+    detail = _scrub(str(err), secret)[:300]
+    if isinstance(err, sdk.APITimeoutError):
+        return TransientJudgeError(f"the judge endpoint {url} did not answer in time")
+    if isinstance(err, sdk.APIConnectionError):
+        return EndpointUnreachableError(f"cannot reach the judge endpoint {url}: {detail}")
+    if isinstance(err, sdk.APIResponseValidationError):
+        body = _scrub(getattr(getattr(err, "response", None), "text", "") or "", secret)[:200]
+        return JudgeError(f"malformed reply from {url}: not JSON or not a completion: {body!r}")
+    if isinstance(err, sdk.APIStatusError):
+        status = err.status_code
+        retry_after = _retry_after_seconds(err.response.headers)
+        if status == 429:
+            return RateLimitError(f"rate limited by {url} (HTTP 429): {detail}", retry_after)
+        if status >= 500:
+            return TransientJudgeError(f"server error from {url} (HTTP {status}): {detail}", retry_after)
+        if status in (401, 403):
+            return FatalJudgeError(f"{url} rejected the API key (HTTP {status}): {detail}")
+        return JudgeError(f"request rejected by {url} (HTTP {status}): {detail}")
+    return JudgeError(f"judge call to {url} failed: {type(err).__name__}: {detail}")
+
+
+class _SDKClient:
+    """One SDK client per judge, made on first use from the environment (thread-safe)."""
+
+    def __init__(self, sdk_name: str, key_env: str, base_url: str | None, timeout: float, judge_name: str):
+        self.sdk_name, self.key_env, self.base_url, self.timeout, self.judge_name = (
+            sdk_name,
+            key_env,
+            base_url,
+            timeout,
+            judge_name,
+        )
+        self._lock = threading.Lock()
+        self._client = None
+
+    def __repr__(self) -> str:
+        return f"<{self.sdk_name} client for {self.judge_name}>"
+
+    def get(self):
+        with self._lock:
+            if self._client is None:
+                sdk = _import_sdk(self.sdk_name)
+                key = _api_key(self.key_env, self.judge_name)
+                factory = sdk.OpenAI if self.sdk_name == "openai" else sdk.Anthropic
+                # base_url None: the SDK reads OPENAI_BASE_URL / ANTHROPIC_BASE_URL itself.
+                self._client = factory(api_key=key, base_url=self.base_url, timeout=self.timeout, max_retries=0)
+            return self._client
+
+    def url(self) -> str:
+        return str(self.get().base_url).rstrip("/")
+
+    def call(self, create: Callable[[Any], Any]):
+        client = self.get()
+        sdk = _import_sdk(self.sdk_name)
+        try:
+            return create(client)
+        except sdk.APIError as err:
+            raise _translate_sdk_error(err, sdk, self.url(), client.api_key) from None
 
 
 # ----------------------------------------------------------------------------------------- judges
@@ -229,16 +252,17 @@ def _post_json(url: str, *, headers: dict, body: dict, timeout: float, secret: s
 
 @dataclass
 class OpenAIJudge:
-    """A judge on any OpenAI-compatible ``/chat/completions`` endpoint (OpenAI, vLLM, ...).
+    """This package's pairwise judge on any OpenAI-compatible chat endpoint (OpenAI, vLLM, ...).
 
-    With ``use_logprobs`` (the paper's ``weighted_alpaca_eval_gpt-4o-mini-2024-07-18``) the
-    preference is the probability mass of "m" over that of "m" and "M" among the top log-probs of
-    the single output token; when the reply carries no usable log-probs it falls back to reading
-    the token as a binary verdict.
+    With ``use_logprobs`` the preference is the probability mass of "m" over that of "m" and "M"
+    among the top log-probs of the single output token; a reply without usable log-probs is a
+    failure (recorded, excluded, retried on a rerun), never a hard 0/1 verdict. Without
+    ``use_logprobs`` the reply is read as a binary verdict. ``base_url`` None: ``OPENAI_BASE_URL``
+    or the OpenAI API.
     """
 
     model: str
-    base_url: str = "https://api.openai.com/v1"
+    base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     use_logprobs: bool = True
     top_logprobs: int = 5
@@ -247,21 +271,24 @@ class OpenAIJudge:
     system_prompt: str = PAIRWISE_SYSTEM_PROMPT
     user_template: str = PAIRWISE_USER_TEMPLATE
     extra_body: dict = field(default_factory=dict)
+    _client: _SDKClient = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._client = _SDKClient("openai", self.api_key_env, self.base_url, self.timeout, self.name)
 
     @property
     def name(self) -> str:
-        return f"{'weighted_' if self.use_logprobs else ''}openai:{self.model}"
+        return f"{'openai' if self.use_logprobs else 'openai-binary'}:{self.model}"
 
     @property
     def identity(self) -> str:
         prompt = _template_hash(self.system_prompt, self.user_template)
-        return f"openai|{self.base_url.rstrip('/')}|{self.model}|logprobs={self.use_logprobs}|t={self.temperature}|{prompt}"
+        return f"openai|{self._client.url()}|{self.model}|logprobs={self.use_logprobs}|t={self.temperature}|{prompt}"
 
     def check_ready(self) -> None:
-        _api_key(self.api_key_env, f"OpenAIJudge({self.model})")
+        self._client.get()
 
     def judge(self, instruction: str, output_a: str, output_b: str, example: Mapping | None = None) -> JudgeVerdict:
-        key = _api_key(self.api_key_env, f"OpenAIJudge({self.model})")
         body: dict[str, Any] = {
             "model": self.model,
             "messages": [
@@ -273,35 +300,39 @@ class OpenAIJudge:
         }
         if self.use_logprobs:
             body.update(logprobs=True, top_logprobs=self.top_logprobs)
-        body.update(self.extra_body)
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        reply = _post_json(url, headers={"Authorization": f"Bearer {key}"}, body=body, timeout=self.timeout, secret=key)
-        try:
-            choice = reply["choices"][0]
-            text = choice["message"].get("content") or ""
-        except (KeyError, IndexError, TypeError, AttributeError):
-            return JudgeVerdict(None, json.dumps(reply)[:500], "malformed reply: no choices[0].message.content")
+        extra = dict(self.extra_body)
+        reply = self._client.call(lambda client: client.chat.completions.create(**body, extra_body=extra or None))
+        if isinstance(reply, str):  # the SDK hands back a non-JSON body as text
+            return JudgeVerdict(None, reply[:500], f"malformed reply: not JSON: {reply[:80]!r}")
+        choices = getattr(reply, "choices", None)
+        if not isinstance(choices, list) or not choices or getattr(choices[0], "message", None) is None:
+            return JudgeVerdict(None, str(reply)[:500], "malformed reply: no choices[0].message")
+        choice = choices[0]
+        text = choice.message.content or ""
         if self.use_logprobs:
             preference = _logprob_preference(choice)
-            if preference is not None:
-                return JudgeVerdict(preference, text)
+            if preference is None:
+                return JudgeVerdict(
+                    None, text, "no log-probs for 'm' or 'M' in the reply (a weighted judge needs them)"
+                )
+            return JudgeVerdict(preference, text)
         preference = parse_binary_label(text)
         if preference is None:
             return JudgeVerdict(None, text, f"malformed reply: expected 'm' or 'M', got {text[:80]!r}")
         return JudgeVerdict(preference, text)
 
 
-def _logprob_preference(choice: Mapping) -> float | None:
+def _logprob_preference(choice: Any) -> float | None:
     """P(first) / (P(first) + P(second)) from the first token's top log-probs; None if absent."""
     try:
-        candidates = choice["logprobs"]["content"][0]["top_logprobs"]
-    except (KeyError, IndexError, TypeError):
+        candidates = choice.logprobs.content[0].top_logprobs
+    except (AttributeError, IndexError, TypeError):
         return None
     mass = {FIRST_LABEL: 0.0, SECOND_LABEL: 0.0}
     for candidate in candidates or []:
         try:
-            token, logprob = candidate["token"].strip(), float(candidate["logprob"])
-        except (KeyError, TypeError, ValueError, AttributeError):
+            token, logprob = candidate.token.strip(), float(candidate.logprob)
+        except (AttributeError, TypeError, ValueError):
             continue
         if token in mass:  # case matters: "m" and "M" are the two labels
             mass[token] += math.exp(logprob)
@@ -311,17 +342,23 @@ def _logprob_preference(choice: Mapping) -> float | None:
 
 @dataclass
 class AnthropicJudge:
-    """A binary judge on Anthropic's Messages API (no log-probs there): the reply names m or M."""
+    """A binary judge on Anthropic's Messages API (no log-probs there): the reply names m or M.
+
+    ``base_url`` None: ``ANTHROPIC_BASE_URL`` or Anthropic's API.
+    """
 
     model: str
-    base_url: str = "https://api.anthropic.com"
+    base_url: str | None = None
     api_key_env: str = "ANTHROPIC_API_KEY"
-    anthropic_version: str = "2023-06-01"
     max_tokens: int = 5
     temperature: float = 0.0
     timeout: float = 60.0
     system_prompt: str = PAIRWISE_SYSTEM_PROMPT
     user_template: str = PAIRWISE_USER_TEMPLATE
+    _client: _SDKClient = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._client = _SDKClient("anthropic", self.api_key_env, self.base_url, self.timeout, self.name)
 
     @property
     def name(self) -> str:
@@ -330,27 +367,29 @@ class AnthropicJudge:
     @property
     def identity(self) -> str:
         prompt = _template_hash(self.system_prompt, self.user_template)
-        return f"anthropic|{self.base_url.rstrip('/')}|{self.model}|t={self.temperature}|{prompt}"
+        return f"anthropic|{self._client.url()}|{self.model}|t={self.temperature}|{prompt}"
 
     def check_ready(self) -> None:
-        _api_key(self.api_key_env, f"AnthropicJudge({self.model})")
+        self._client.get()
 
     def judge(self, instruction: str, output_a: str, output_b: str, example: Mapping | None = None) -> JudgeVerdict:
-        key = _api_key(self.api_key_env, f"AnthropicJudge({self.model})")
         body = {
             "model": self.model,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "system": self.system_prompt,
-            "messages": [{"role": "user", "content": _render_prompt(self.user_template, instruction, output_a, output_b)}],
+            "messages": [
+                {"role": "user", "content": _render_prompt(self.user_template, instruction, output_a, output_b)}
+            ],
         }
-        headers = {"x-api-key": key, "anthropic-version": self.anthropic_version}
-        url = self.base_url.rstrip("/") + "/v1/messages"
-        reply = _post_json(url, headers=headers, body=body, timeout=self.timeout, secret=key)
-        try:
-            text = "".join(block["text"] for block in reply["content"] if block.get("type") == "text")
-        except (KeyError, TypeError, AttributeError):
-            return JudgeVerdict(None, json.dumps(reply)[:500], "malformed reply: no text content blocks")
+        temperature = {"temperature": body.pop("temperature")}  # sent as a raw field: newer SDKs dropped the argument
+        reply = self._client.call(lambda client: client.messages.create(**body, extra_body=temperature))
+        if isinstance(reply, str):  # the SDK hands back a non-JSON body as text
+            return JudgeVerdict(None, reply[:500], f"malformed reply: not JSON: {reply[:80]!r}")
+        blocks = getattr(reply, "content", None)
+        if not isinstance(blocks, list):
+            return JudgeVerdict(None, str(reply)[:500], "malformed reply: no text content blocks")
+        text = "".join(getattr(b, "text", "") or "" for b in blocks if getattr(b, "type", None) == "text")
         preference = parse_binary_label(text)
         if preference is None:
             return JudgeVerdict(None, text, f"malformed reply: expected 'm' or 'M', got {text[:80]!r}")
@@ -379,185 +418,3 @@ class ProgrammaticJudge:
         grade_a, grade_b = self.grade_fn(example, output_a), self.grade_fn(example, output_b)
         preference = 1.0 if grade_a > grade_b else 0.0 if grade_a < grade_b else 0.5
         return JudgeVerdict(preference, f"grade_a={grade_a} grade_b={grade_b}")
-
-
-# ------------------------------------------------------------------------------------------ cache
-
-
-class JudgmentCache:
-    """Append-only JSONL of successful verdicts, keyed by judge identity, instruction, both outputs
-    and the order they were shown in. Each line is flushed as it is written, so an interrupted run
-    loses nothing and a rerun resumes. Failed calls are not cached: a rerun tries them again."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._entries: dict[str, dict] = {}
-        if self.path.exists():
-            for line_no, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-                try:
-                    entry = json.loads(line)
-                    self._entries[entry["key"]] = entry
-                except (ValueError, KeyError, TypeError):
-                    log.warning("judgment cache %s: skipping unreadable line %d (an interrupted write?)", self.path, line_no)
-        else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def key(identity: str, instruction: str, shown_first: str, shown_second: str) -> str:
-        payload = json.dumps([identity, instruction, shown_first, shown_second], ensure_ascii=False)
-        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-    def get(self, key: str) -> JudgeVerdict | None:
-        entry = self._entries.get(key)
-        return None if entry is None else JudgeVerdict(entry["preference"], entry.get("raw", ""))
-
-    def put(self, key: str, verdict: JudgeVerdict) -> None:
-        entry = {"key": key, "preference": verdict.preference, "raw": verdict.raw}
-        with self._lock:
-            self._entries[key] = entry
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-# ---------------------------------------------------------------------------------- judging loop
-
-
-def _validate_pairs(records_a: Sequence[Mapping], records_b: Sequence[Mapping]) -> None:
-    if len(records_a) != len(records_b):
-        raise ValueError(
-            f"records_a has {len(records_a)} records but records_b has {len(records_b)}; they must pair up one to one"
-        )
-    for side, records in (("records_a", records_a), ("records_b", records_b)):
-        for i, record in enumerate(records):
-            for key in ("instruction", "output"):
-                if not isinstance(record.get(key), str):
-                    raise ValueError(f"{side}[{i}] needs a string '{key}' (keys: {sorted(record)})")
-    for i, (a, b) in enumerate(zip(records_a, records_b)):
-        if a["instruction"] != b["instruction"]:
-            raise ValueError(
-                f"record {i}: the instructions differ between the two output sets "
-                f"({a['instruction'][:60]!r} vs {b['instruction'][:60]!r}); both must follow the same prompt order"
-            )
-
-
-def _backoff_delay(attempt: int, err: TransientJudgeError, base: float, cap: float) -> float:
-    if err.retry_after is not None:
-        return min(err.retry_after, cap)
-    return min(cap, base * 2**attempt) * random.uniform(0.5, 1.0)
-
-
-def judge_pairs(
-    judge: Judge,
-    records_a: Sequence[Mapping],
-    records_b: Sequence[Mapping],
-    *,
-    cache_path: str | Path | None = None,
-    max_concurrency: int = 4,
-    max_retries: int = 5,
-    seed: int = 0,
-    backoff_base: float = 1.0,
-    max_backoff: float = 60.0,
-    progress: bool = False,
-) -> list[dict]:
-    """Judge ``records_a[i]`` (the model) against ``records_b[i]`` (the baseline) for every i.
-
-    Records are AlpacaEval-style dicts with ``instruction`` and ``output`` (and ``generator``);
-    ``records_a[i]`` is passed to the judge as ``example`` (a programmatic judge grades from its
-    metadata). Returns one dict per example: ``index``, ``instruction``, ``output_a``,
-    ``output_b``, ``generator_a``, ``generator_b``, ``preference`` (probability that A is better,
-    None on failure), ``flipped`` (B was shown first), ``raw``, ``error``, ``cached`` and, when
-    the model's record has one, ``difficulty``.
-
-    Raises :class:`MissingAPIKeyError` before any call when the key is missing, and
-    :class:`FatalJudgeError` (e.g. :class:`EndpointUnreachableError`) when the run cannot go on;
-    verdicts obtained so far are already in the cache then.
-    """
-    _validate_pairs(records_a, records_b)
-    if max_concurrency < 1 or max_retries < 0:
-        raise ValueError(f"max_concurrency must be >= 1 and max_retries >= 0 (got {max_concurrency}, {max_retries})")
-    check_ready = getattr(judge, "check_ready", None)
-    if check_ready is not None:
-        check_ready()
-    cache = JudgmentCache(cache_path) if cache_path is not None else None
-    coin = random.Random(seed)
-    flips = [coin.random() < 0.5 for _ in records_a]  # one seeded coin per example: show B first?
-    stop = threading.Event()
-
-    def judge_one(i: int) -> dict:
-        a, b = records_a[i], records_b[i]
-        shown = (b["output"], a["output"]) if flips[i] else (a["output"], b["output"])
-        row = {
-            "index": i, "instruction": a["instruction"],
-            "generator_a": a.get("generator"), "generator_b": b.get("generator"),
-            "output_a": a["output"], "output_b": b["output"],
-            "preference": None, "flipped": flips[i], "raw": "", "error": None, "cached": False,
-        }
-        if "difficulty" in a:
-            row["difficulty"] = a["difficulty"]
-        key = JudgmentCache.key(judge.identity, a["instruction"], *shown) if cache is not None else None
-        verdict = cache.get(key) if cache is not None else None
-        row["cached"] = verdict is not None
-        if verdict is None:
-            verdict = _call_with_retries(judge, a["instruction"], *shown, a, max_retries, backoff_base, max_backoff, stop)
-            if cache is not None and verdict.error is None:
-                cache.put(key, verdict)
-        row["raw"], row["error"] = verdict.raw, verdict.error
-        if verdict.error is None:
-            p = float(verdict.preference)
-            row["preference"] = 1.0 - p if flips[i] else p  # back to "A is better"
-        return row
-
-    rows: list[dict | None] = [None] * len(records_a)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(records_a), desc=f"judging ({getattr(judge, 'name', judge.identity)})")
-    with ThreadPoolExecutor(max_workers=max_concurrency) as pool:
-        futures = {pool.submit(judge_one, i): i for i in range(len(records_a))}
-        try:
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                for future in done:
-                    rows[futures[future]] = future.result()  # re-raises a fatal error
-                    if bar is not None:
-                        bar.update(1)
-        except BaseException:
-            stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-    n_errors = sum(r["error"] is not None for r in rows)
-    if n_errors:
-        first = next(r for r in rows if r["error"] is not None)
-        log.warning("%d of %d judgments failed and are excluded from the win-rate (first, example %d: %s)",
-                    n_errors, len(rows), first["index"], first["error"])
-    return rows
-
-
-def _call_with_retries(judge: Judge, instruction: str, first: str, second: str, example: Mapping,
-                       max_retries: int, backoff_base: float, max_backoff: float, stop: threading.Event) -> JudgeVerdict:
-    for attempt in range(max_retries + 1):
-        if stop.is_set():
-            raise FatalJudgeError("judging stopped after a fatal error in another example")
-        try:
-            return judge.judge(instruction, first, second, example)
-        except TransientJudgeError as err:
-            if attempt == max_retries:
-                if isinstance(err, FatalJudgeError):
-                    raise
-                kind = "rate limit" if isinstance(err, RateLimitError) else "transient errors"
-                return JudgeVerdict(None, "", f"{kind} exhausted {max_retries} retries: {err}")
-            time.sleep(_backoff_delay(attempt, err, backoff_base, max_backoff))
-        except FatalJudgeError:
-            raise
-        except JudgeError as err:
-            return JudgeVerdict(None, "", str(err))
-    raise AssertionError("unreachable")

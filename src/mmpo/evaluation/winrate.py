@@ -1,26 +1,31 @@
 """Win-rates from pairwise judgments: raw, length-controlled (AlpacaEval 2 LC), and averaged over judges.
 
-Input is the list :func:`mmpo.evaluation.judges.judge_pairs` returns: one dict per example with
+Input is the list :func:`mmpo.evaluation.judging.judge_pairs` returns: one dict per example with
 ``preference`` (probability that the model's output, A, beats the baseline's, B; 0.5 is a tie;
 ``None`` when the judge call failed), ``output_a``, ``output_b`` and optionally ``difficulty``.
 Failed judgments are excluded from every statistic and counted in ``n_errors``.
 
-Length control follows Dubois et al. 2024 ("Length-Controlled AlpacaEval", the
-``length_controlled_v1`` GLM of the ``alpaca_eval`` package). A logistic GLM with *probability*
-targets predicts the judge's preference from
+Length control follows Dubois et al. 2024 ("Length-Controlled AlpacaEval"). A logistic GLM with
+*probability* targets predicts the judge's preference from
 
 * the model/baseline identity term (with one model against one baseline, a constant 1),
 * ``tanh(delta_len / std(delta_len))`` where ``delta_len`` is the model's output length (in
   characters, as AlpacaEval counts it) minus the baseline's, and
-* where available, an instruction-difficulty covariate.
+* where every row has one, an instruction-difficulty covariate.
 
 The LC win-rate is the GLM's prediction with the length term set to zero, averaged over the
-instructions (each at its own difficulty, as AlpacaEval does), times 100. AlpacaEval additionally
-regularizes the fit towards its GPT-4 baseline with precomputed "gamed" (verbose/concise)
-annotations; those exist only for its own baseline, so here the GLM is fitted on the pair's own
-judgments with a tiny ridge penalty that only keeps separable data finite. The standard error is
-the delta method through the GLM's sandwich (robust) covariance, which stays honest when the
-targets are probabilities rather than Bernoulli draws.
+instructions (each at its own difficulty), times 100. Without difficulties this is the design of
+AlpacaEval's ``length_controlled_minimal`` GLM; with them, of ``length_controlled_noreg``; the
+result names it (``lc_variant``). It is *not* AlpacaEval's default ``length_controlled_v1``,
+which also regularizes the fit towards precomputed annotations of "gamed" (verbose/concise)
+versions of AlpacaEval's GPT-4 baseline; those exist only for that baseline. AlpacaEval fits with
+cross-validated L1 regularization; here the fit is the plain maximum-likelihood GLM with a tiny
+ridge that only keeps separable data finite (the two agree to a few hundredths of a point).
+
+``lc_standard_error_delta_method`` is the standard error of the LC win-rate by the delta method
+through the GLM's sandwich (robust) covariance, which stays honest when the targets are
+probabilities. (AlpacaEval's ``lc_standard_error`` is something else: the standard error of the
+mean of the per-instruction GLM predictions.)
 """
 
 from __future__ import annotations
@@ -63,7 +68,8 @@ def _valid_rows(judgments: Sequence[Mapping]) -> tuple[list[Mapping], int]:
         first = next((r.get("error") for r in judgments if r.get("error")), None)
         raise WinRateError(
             f"no valid judgments out of {len(judgments)} ({n_errors} failed"
-            + (f"; first error: {first}" if first else "") + ")"
+            + (f"; first error: {first}" if first else "")
+            + ")"
         )
     return valid, n_errors
 
@@ -85,24 +91,27 @@ def win_rate(judgments: Sequence[Mapping]) -> dict:
     }
 
 
-def _fit_probability_glm(X: np.ndarray, p: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
-    """Logistic regression with targets in [0, 1]; returns the weights and their sandwich covariance."""
+def _fit_probability_glm(
+    X: np.ndarray, p: np.ndarray, ridge: float, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(Weighted) logistic regression with targets in [0, 1]; returns the weights and their sandwich covariance."""
     n, k = X.shape
+    c = np.ones(n) if weights is None else np.asarray(weights, dtype=float)
 
     def objective(w):
         z = X @ w
-        nll = -(p * log_expit(z) + (1 - p) * log_expit(-z)).sum() + 0.5 * ridge * n * (w @ w)
-        grad = X.T @ (expit(z) - p) + ridge * n * w
+        nll = -(c * (p * log_expit(z) + (1 - p) * log_expit(-z))).sum() + 0.5 * ridge * n * (w @ w)
+        grad = X.T @ (c * (expit(z) - p)) + ridge * n * w
         return nll, grad
 
     def hessian(w):
         s = expit(X @ w)
-        return (X * (s * (1 - s))[:, None]).T @ X + ridge * n * np.eye(k)
+        return (X * (c * s * (1 - s))[:, None]).T @ X + ridge * n * np.eye(k)
 
     fit = minimize(objective, np.zeros(k), jac=True, hess=hessian, method="trust-exact")
     w = fit.x
     bread = np.linalg.pinv(hessian(w))
-    residuals = expit(X @ w) - p
+    residuals = c * (expit(X @ w) - p)
     meat = (X * residuals[:, None] ** 2).T @ X
     return w, bread @ meat @ bread
 
@@ -118,8 +127,9 @@ def length_controlled_win_rate(
 
     ``difficulty`` (one number per judgment, failed ones included) overrides the judgments'
     ``difficulty`` keys; without either, the GLM has no difficulty term. Returns
-    ``length_controlled_winrate`` and ``lc_standard_error`` (both x 100) and the fitted
-    ``glm_weights`` (``identity``, ``length``, ``difficulty``).
+    ``length_controlled_winrate`` and ``lc_standard_error_delta_method`` (both x 100), the
+    ``lc_variant`` (AlpacaEval's name for this GLM design) and the fitted ``glm_weights``
+    (``identity``, ``length``, ``difficulty``).
     """
     if difficulty is not None and len(difficulty) != len(judgments):
         raise WinRateError(f"difficulty has {len(difficulty)} values for {len(judgments)} judgments")
@@ -135,8 +145,13 @@ def length_controlled_win_rate(
 
     if all(r["output_a"] == r["output_b"] for r in valid):
         # The model *is* the baseline (AlpacaEval's ``is_baseline`` case): 50% by construction.
-        return {**base, "length_controlled_winrate": 50.0, "lc_standard_error": 0.0,
-                "glm_weights": {"identity": 0.0, "length": 0.0, "difficulty": 0.0}}
+        return {
+            **base,
+            "length_controlled_winrate": 50.0,
+            "lc_standard_error_delta_method": 0.0,
+            "lc_variant": "length_controlled_minimal",
+            "glm_weights": {"identity": 0.0, "length": 0.0, "difficulty": 0.0},
+        }
 
     std = delta.std(ddof=1) if len(delta) > 1 else 0.0
     length_term = np.tanh(delta / std) if std > 0 else np.zeros_like(delta)
@@ -157,9 +172,13 @@ def length_controlled_win_rate(
     return {
         **base,
         "length_controlled_winrate": lc * 100,
-        "lc_standard_error": se * 100,
-        "glm_weights": {"identity": float(w[0]), "length": float(w[1]),
-                        "difficulty": float(w[2]) if use_difficulty else None},
+        "lc_standard_error_delta_method": se * 100,
+        "lc_variant": "length_controlled_noreg" if use_difficulty else "length_controlled_minimal",
+        "glm_weights": {
+            "identity": float(w[0]),
+            "length": float(w[1]),
+            "difficulty": float(w[2]) if use_difficulty else None,
+        },
     }
 
 
@@ -182,12 +201,18 @@ def average_over_judges(results: Mapping[str, Mapping]) -> dict:
     if not results:
         raise WinRateError("average_over_judges needs at least one judge's results")
     averaged: dict = {"judges": sorted(results), "per_judge": {k: dict(v) for k, v in results.items()}}
-    for value_key, se_key in (("win_rate", "standard_error"), ("length_controlled_winrate", "lc_standard_error")):
+    for value_key, se_key in (
+        ("win_rate", "standard_error"),
+        ("length_controlled_winrate", "lc_standard_error_delta_method"),
+        ("length_controlled_winrate_v1", None),
+    ):
         present = [r for r in results.values() if value_key in r]
         if len(present) != len(results):
             continue  # only average a metric every judge has
         k = len(present)
         averaged[value_key] = float(np.mean([r[value_key] for r in present]))
+        if se_key is None:
+            continue
         ses = [r.get(se_key) for r in present]
         if all(s is not None and np.isfinite(s) for s in ses):
             averaged[se_key] = float(np.sqrt(np.sum(np.square(ses))) / k)

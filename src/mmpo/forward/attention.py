@@ -34,8 +34,17 @@ def plain_sdpa(module, query, key, value, attention_mask, **kwargs):
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
 
 
-def segmented_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                        mmpo_attention_plan: AttentionPlan | None = None, **kwargs):
+def segmented_attention(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout=0.0,
+    scaling=None,
+    mmpo_attention_plan: AttentionPlan | None = None,
+    **kwargs,
+):
     """One ``scaled_dot_product_attention`` call per block of the plan.
 
     ``is_causal`` for a sequence or a prompt + chosen block; prompt + own keys, bottom-right
@@ -50,14 +59,14 @@ def segmented_attention(module, query, key, value, attention_mask, dropout=0.0, 
     for r, blocks in enumerate(mmpo_attention_plan.rows):
         pieces = []
         for block in blocks:
-            q = query[r:r + 1, :, block.start:block.end]
-            k, v = key[r:r + 1, :, block.start:block.end], value[r:r + 1, :, block.start:block.end]
+            q = query[r : r + 1, :, block.start : block.end]
+            k, v = key[r : r + 1, :, block.start : block.end], value[r : r + 1, :, block.start : block.end]
             if block.prefix is None:
                 pieces.append(attend(q, k, v, is_causal=True))
             else:
                 start, end = block.prefix
-                k = torch.cat([key[r:r + 1, :, start:end], k], dim=2)
-                v = torch.cat([value[r:r + 1, :, start:end], v], dim=2)
+                k = torch.cat([key[r : r + 1, :, start:end], k], dim=2)
+                v = torch.cat([value[r : r + 1, :, start:end], v], dim=2)
                 pieces.append(attend(q, k, v, attn_mask=block.mask))
         filled = blocks[-1].end if blocks else 0
         if filled < query.shape[2]:  # padding: zeros, never read
@@ -67,8 +76,9 @@ def segmented_attention(module, query, key, value, attention_mask, dropout=0.0, 
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 
-def flex_attention_or_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                           mmpo_block_mask=None, **kwargs):
+def flex_attention_or_sdpa(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, mmpo_block_mask=None, **kwargs
+):
     """FlexAttention with the micro-batch's block mask; transformers' sdpa for calls that are not ours."""
     if mmpo_block_mask is None:
         return plain_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -164,7 +174,10 @@ def replay_is_covered(model: torch.nn.Module) -> bool:
     """Whether every checkpointed forward of ``model`` goes through transformers' per-layer hook
     (which ``attention_selected`` wraps); a model with its own checkpointing would replay its
     layers with the restored attention function, so ours must not be used there."""
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
-        "is_gradient_checkpointing"  # the newer name (transformers 5.2x) first: the old one warns
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )  # the newer name (transformers 5.2x) first: the old one warns
     checkpointing = bool(getattr(model, flag, False))
     return not checkpointing or any(isinstance(m, GradientCheckpointingLayer) for m in model.modules())

@@ -40,18 +40,31 @@ class Unit:
 def sequence_unit(tokens: list[int], labels: list[int], sequence: int) -> Unit:
     """A plain sequence; each position ``t >= 1`` whose label is not -100 is scored against it."""
     scored = [t for t in range(1, len(tokens)) if labels[t] != -100]
-    return Unit(tokens=list(tokens), positions=list(range(len(tokens))), branches=[SHARED] * len(tokens),
-                 sections=(len(tokens), 0, 0), predictors=[t - 1 for t in scored], targets=[labels[t] for t in scored],
-                 sequences=[sequence] * len(scored), steps=list(range(len(scored))))
+    return Unit(
+        tokens=list(tokens),
+        positions=list(range(len(tokens))),
+        branches=[SHARED] * len(tokens),
+        sections=(len(tokens), 0, 0),
+        predictors=[t - 1 for t in scored],
+        targets=[labels[t] for t in scored],
+        sequences=[sequence] * len(scored),
+        steps=list(range(len(scored))),
+    )
 
 
 def shared_prompt_unit(prompt: list[int], chosen: list[int], rejected: list[int], pair: int, num_pairs: int) -> Unit:
     """``prompt + chosen + rejected`` in one sequence; rejected positions restart after the prompt."""
     p, c, r = len(prompt), len(chosen), len(rejected)
-    unit = Unit(tokens=prompt + chosen + rejected,
-                 positions=list(range(p + c)) + list(range(p, p + r)),
-                 branches=[SHARED] * p + [CHOSEN] * c + [REJECTED] * r, sections=(p, c, r),
-                 predictors=[], targets=[], sequences=[], steps=[])
+    unit = Unit(
+        tokens=prompt + chosen + rejected,
+        positions=list(range(p + c)) + list(range(p, p + r)),
+        branches=[SHARED] * p + [CHOSEN] * c + [REJECTED] * r,
+        sections=(p, c, r),
+        predictors=[],
+        targets=[],
+        sequences=[],
+        steps=[],
+    )
     for sequence, start, completion in ((pair, p, chosen), (num_pairs + pair, p + c, rejected)):
         scored = [j for j in range(len(completion)) if p + j > 0]  # a sequence's first token has no predictor
         unit.predictors += [p - 1 if j == 0 else start + j - 1 for j in scored]
@@ -135,8 +148,9 @@ def assign_rows(lengths: list[int], packing: bool, attention_ratio: float = DEFA
     return best
 
 
-def build_layout(units: list[Unit], rows: list[list[int]], *, pad_token_id: int, device, mask_kind,
-                  attention: str = "mask") -> Layout:
+def build_layout(
+    units: list[Unit], rows: list[list[int]], *, pad_token_id: int, device, mask_kind, attention: str = "mask"
+) -> Layout:
     """Tensors for ``units`` placed in ``rows`` (lists of unit indices, see ``assign_rows``).
 
     ``attention`` (``ATTENTION_MODES``) decides the mask: a dense ``[R, 1, W, W]`` one of
@@ -186,10 +200,20 @@ def build_layout(units: list[Unit], rows: list[list[int]], *, pad_token_id: int,
         plan = AttentionPlan(tuple(plan_rows)) if attention == "segmented" else None
     else:
         attention_mask, position_ids = block_mask(segment, branch, mask_kind), tensor(positions)
-    return Layout(input_ids=tensor(tokens), position_ids=position_ids, attention_mask=attention_mask, plan=plan,
-                   predictors=tensor(predictors), targets=tensor(targets), sequences=tensor(sequences),
-                   steps=tensor(steps), num_tokens=sum(len(u.tokens) for u in units), segments=segment,
-                   branches=branch, attention=attention)
+    return Layout(
+        input_ids=tensor(tokens),
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        plan=plan,
+        predictors=tensor(predictors),
+        targets=tensor(targets),
+        sequences=tensor(sequences),
+        steps=tensor(steps),
+        num_tokens=sum(len(u.tokens) for u in units),
+        segments=segment,
+        branches=branch,
+        attention=attention,
+    )
 
 
 def block_mask(segment: torch.Tensor, branch: torch.Tensor, kind) -> torch.Tensor:

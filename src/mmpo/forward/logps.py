@@ -24,7 +24,6 @@ MASK_4D_KERNELS = ("sdpa", "eager")
 OUR_ATTENTION_KERNELS = ("sdpa", "flex_attention")
 
 
-
 def without_ddp(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside DDP-style wrappers: the probe's backward must not start their gradient sync."""
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
@@ -41,9 +40,11 @@ def attention_candidates(model, options: ForwardOptions, device: torch.device | 
     ours = attention_kernel(model) in OUR_ATTENTION_KERNELS and replay_is_covered(base)
     on_cuda = (device or next(model.parameters()).device).type == "cuda"
     no_dropout = not getattr(base.config, "attention_dropout", 0.0)  # FlexAttention has none
-    allowed = (("flex", ours and on_cuda and options.flex_attention and no_dropout and flex_available()),
-               ("segmented", ours and options.segmented_attention),
-               ("mask", attention_kernel(model) in MASK_4D_KERNELS))
+    allowed = (
+        ("flex", ours and on_cuda and options.flex_attention and no_dropout and flex_available()),
+        ("segmented", ours and options.segmented_attention),
+        ("mask", attention_kernel(model) in MASK_4D_KERNELS),
+    )
     return [mode for mode, ok in allowed if ok]
 
 
@@ -58,16 +59,20 @@ def choose_attention(model, options: ForwardOptions, pad_token_id: int, longest_
     kernel = attention_kernel(model)
     candidates = attention_candidates(model, options)
     if not candidates:
-        _warn_once(f"attention kernel {kernel!r} cannot take the shared-prompt/packing layout (supported: "
-                   f"{', '.join(MASK_4D_KERNELS)}); using the padded layout")
+        _warn_once(
+            f"attention kernel {kernel!r} cannot take the shared-prompt/packing layout (supported: "
+            f"{', '.join(MASK_4D_KERNELS)}); using the padded layout"
+        )
         return "padded"
     for mode in candidates:
         reason = probe(without_ddp(model), options, pad_token_id, mode, fast_preference_logps)
         if reason is None:
             return mode
         fallback = "padded layout" if mode == candidates[-1] else f"{candidates[-1]!r} attention"
-        _warn_once(f"{type(unwrap_model(model)).__name__} with attention {kernel!r}: {mode!r} attention is not exact "
-                   f"for this model ({reason}); using the {fallback}")
+        _warn_once(
+            f"{type(unwrap_model(model)).__name__} with attention {kernel!r}: {mode!r} attention is not exact "
+            f"for this model ({reason}); using the {fallback}"
+        )
     return "padded"
 
 
@@ -75,12 +80,15 @@ def choose_attention(model, options: ForwardOptions, pad_token_id: int, longest_
 # Public entry points
 
 
-def fast_preference_logps(model, examples, options: ForwardOptions, attention: str, *, pad_token_id,
-                           compute_entropy, length_normalize) -> PreferenceLogps:
+def fast_preference_logps(
+    model, examples, options: ForwardOptions, attention: str, *, pad_token_id, compute_entropy, length_normalize
+) -> PreferenceLogps:
     batch = len(examples)
     if options.share_prompt and attention != "padded":
-        units = [shared_prompt_unit(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], i, batch)
-                 for i, ex in enumerate(examples)]
+        units = [
+            shared_prompt_unit(ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"], i, batch)
+            for i, ex in enumerate(examples)
+        ]
     else:
         rows, prompt_lengths = completion_rows(examples)
         units = [sequence_unit(row, [-100] * p + row[p:], i) for i, (row, p) in enumerate(zip(rows, prompt_lengths))]
@@ -89,13 +97,18 @@ def fast_preference_logps(model, examples, options: ForwardOptions, attention: s
     per_token = per_sequence(token_logps, layout, 2 * batch)
     sums = per_token.sum(-1)
     counts = torch.bincount(layout.sequences, minlength=2 * batch)
-    result = PreferenceLogps(chosen_logps=sums[:batch], rejected_logps=sums[batch:],
-                             chosen_lengths=counts[:batch], rejected_lengths=counts[batch:],
-                             num_tokens=layout.num_tokens)
+    result = PreferenceLogps(
+        chosen_logps=sums[:batch],
+        rejected_logps=sums[batch:],
+        chosen_lengths=counts[:batch],
+        rejected_lengths=counts[batch:],
+        num_tokens=layout.num_tokens,
+    )
     if compute_entropy:
         mask = per_sequence(torch.ones_like(token_logps), layout, 2 * batch)
-        surrogate = entropy_surrogate(per_sequence(entropy, layout, 2 * batch), per_token, mask,
-                                      length_normalize=length_normalize)
+        surrogate = entropy_surrogate(
+            per_sequence(entropy, layout, 2 * batch), per_token, mask, length_normalize=length_normalize
+        )
         result.chosen_entropy, result.rejected_entropy = surrogate[:batch], surrogate[batch:]
     return result
 
@@ -124,8 +137,9 @@ def preference_logps(
     return fast_preference_logps(model, examples, options, attention, **kwargs)
 
 
-def sft_loss(model: torch.nn.Module, examples: list[dict], *, pad_token_id: int,
-             options: ForwardOptions | None = None) -> tuple[torch.Tensor, int, int]:
+def sft_loss(
+    model: torch.nn.Module, examples: list[dict], *, pad_token_id: int, options: ForwardOptions | None = None
+) -> tuple[torch.Tensor, int, int]:
     """Mean cross-entropy over assistant tokens of a micro-batch; also (target tokens, all tokens).
 
     Without ``options`` the plain padded path; with them, packing and chunked log-probs.

@@ -24,8 +24,10 @@ class PreferenceLogps:
 
     def means(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token mean log-probs (the length-normalization ablation, SimPO)."""
-        return (self.chosen_logps / self.chosen_lengths.clamp(min=1),
-                self.rejected_logps / self.rejected_lengths.clamp(min=1))
+        return (
+            self.chosen_logps / self.chosen_lengths.clamp(min=1),
+            self.rejected_logps / self.rejected_lengths.clamp(min=1),
+        )
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,9 @@ class ForwardOptions:
 
     def __post_init__(self):
         if self.logits_chunk_size < 0:
-            raise ConfigError("config key 'logits_chunk_size': must be >= 0 (0: no chunking) "
-                              f"(got {self.logits_chunk_size})")
+            raise ConfigError(
+                f"config key 'logits_chunk_size': must be >= 0 (0: no chunking) (got {self.logits_chunk_size})"
+            )
 
     @classmethod
     def from_config(cls, cfg) -> ForwardOptions:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from mmpo.forward.options import PreferenceLogps
 from mmpo.objectives import entropy_surrogate
 
+
 def pad_sequences(sequences: list[list[int]], pad_value: int, device: torch.device | None = None) -> torch.Tensor:
     width = max(len(s) for s in sequences)
     out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
@@ -43,7 +44,9 @@ def padded_preference_logps(model, examples, *, pad_token_id, compute_entropy, l
     lengths = torch.tensor([len(r) for r in rows], device=device)
     positions = torch.arange(input_ids.shape[1], device=device)
     attention_mask = (positions[None, :] < lengths[:, None]).long()
-    completion_mask = (positions[None, :] >= torch.tensor(prompt_lengths, device=device)[:, None]) & attention_mask.bool()
+    completion_mask = (
+        positions[None, :] >= torch.tensor(prompt_lengths, device=device)[:, None]
+    ) & attention_mask.bool()
 
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     targets = input_ids[:, 1:]
@@ -55,8 +58,10 @@ def padded_preference_logps(model, examples, *, pad_token_id, compute_entropy, l
 
     batch = len(examples)
     result = PreferenceLogps(
-        chosen_logps=sums[:batch], rejected_logps=sums[batch:],
-        chosen_lengths=counts[:batch], rejected_lengths=counts[batch:],
+        chosen_logps=sums[:batch],
+        rejected_logps=sums[batch:],
+        chosen_lengths=counts[:batch],
+        rejected_lengths=counts[batch:],
         num_tokens=int(lengths.sum()),
     )
     if compute_entropy:

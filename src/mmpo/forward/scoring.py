@@ -80,8 +80,14 @@ def _score_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     return (logps, entropy) if with_entropy else (logps,)
 
 
-def score_hidden(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, *, with_entropy: bool = False,
-                 chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor | None]:
+def score_hidden(
+    head: torch.nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    with_entropy: bool = False,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Target log-probs (and entropies) ``[N]`` of hidden states ``[N, d]`` through the LM head.
 
     With ``chunk_size > 0`` each chunk's logits are recomputed in the backward pass
@@ -94,7 +100,7 @@ def score_hidden(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
     needs_graph = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     parts = []
     for start in range(0, hidden.shape[0], chunk_size):
-        args = (head, hidden[start: start + chunk_size], targets[start: start + chunk_size], with_entropy)
+        args = (head, hidden[start : start + chunk_size], targets[start : start + chunk_size], with_entropy)
         parts.append(checkpoint(_score_chunk, *args, use_reentrant=False) if needs_graph else _score_chunk(*args))
     logps = torch.cat([p[0] for p in parts])
     return logps, (torch.cat([p[1] for p in parts]) if with_entropy else None)
@@ -102,9 +108,19 @@ def score_hidden(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
 
 # Ops whose outputs selective recompute keeps: everything else in a decoder layer (norms, RoPE,
 # activations, residual adds, KV-head repeats) is elementwise and is recomputed from them.
-_KEEP_OPS = {getattr(torch.ops.aten, name).default for name in (
-    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name)}
+_KEEP_OPS = {
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    )
+    if hasattr(torch.ops.aten, name)
+}
 if hasattr(torch.ops.higher_order, "flex_attention"):  # FlexAttention's output too (torch's SAC supports it)
     _KEEP_OPS.add(torch.ops.higher_order.flex_attention)
 try:  # a compiled region (our compiled FlexAttention on CUDA) reaches the policy as one op (torch >= 2.1x)
@@ -133,8 +149,9 @@ def selective_recompute(model: torch.nn.Module, enabled: bool):
     if not (enabled and layers and model.training and torch.is_grad_enabled()):
         yield
         return
-    function = partial(checkpoint, use_reentrant=False,
-                       context_fn=partial(create_selective_checkpoint_contexts, _keep_matmuls))
+    function = partial(
+        checkpoint, use_reentrant=False, context_fn=partial(create_selective_checkpoint_contexts, _keep_matmuls)
+    )
     for layer in layers:
         layer.gradient_checkpointing, layer._gradient_checkpointing_func = True, function
     try:
@@ -181,8 +198,14 @@ def make_layout(model, units: list[Unit], attention: str, packing: bool, pad_tok
     packing = packing and attention != "padded"
     ratio = 0.0 if attention in ("segmented", "flex") or not packing else attention_ratio(model)
     rows = assign_rows([len(u.tokens) for u in units], packing, ratio)
-    layout = build_layout(units, rows, pad_token_id=pad_token_id, device=next(model.parameters()).device,
-                          mask_kind=mask_kind(model), attention=attention)
+    layout = build_layout(
+        units,
+        rows,
+        pad_token_id=pad_token_id,
+        device=next(model.parameters()).device,
+        mask_kind=mask_kind(model),
+        attention=attention,
+    )
     if layout.attention == "flex":  # built once here, used by every layer (and by their replays)
         layout.flex_mask = flex_block_mask(layout.segments, layout.branches)
     return layout

@@ -100,9 +100,22 @@ def known_model_config(model: str, **overrides: Any):
     return LlamaConfig(**{**MODEL_SHAPES[model], **overrides})
 
 
+#: Models with the shape of a tabled one: the base models and the presets' SFT-stage folders.
+SAME_SHAPE = {
+    "HuggingFaceTB/SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "runs/sft-smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "HuggingFaceTB/SmolLM2-360M": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "runs/sft-smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "meta-llama/Llama-3.2-1B": "meta-llama/Llama-3.2-1B-Instruct",
+    "runs/sft-llama3.2-1b": "meta-llama/Llama-3.2-1B-Instruct",
+}
+
+
 def _model_config(model: str):
     from transformers import AutoConfig
 
+    if not Path(model).exists():
+        model = SAME_SHAPE.get(model, model)
     if model in MODEL_SHAPES:
         return known_model_config(model)
     try:

@@ -25,12 +25,11 @@ from typing import Any
 
 import yaml
 
-from mmpo.training.run_dir import atomic_write_text
-from mmpo.config import ConfigError, TrainConfig, from_dict, resolve, to_dict
+from mmpo.config import ConfigError, TrainConfig, apply_preset, from_dict, resolve, to_dict, with_values
 from mmpo.evaluation.checkpoint_eval import EvalSettings
-from mmpo.config import apply_preset, with_values
 from mmpo.study.spec import OBJECTIVES, SweepConfig, block_objectives, sweep_to_dict
 from mmpo.study.status import training_finished, validation_reward_accuracy
+from mmpo.training.run_dir import atomic_write_text
 
 # Files of a sweep folder (a run folder's own files are the engine's).
 PLAN_FILE, COMMANDS_FILE, EVENTS_FILE, TUNING_FILE, SWEEP_FILE = (

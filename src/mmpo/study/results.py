@@ -23,11 +23,11 @@ from typing import Any
 
 import yaml
 
-from mmpo.training.run_dir import read_metrics
 from mmpo.config import ConfigError
 from mmpo.study.plan import EVENTS_FILE, PLAN_FILE, TUNING_FILE
+from mmpo.training.run_dir import read_metrics
 
-OBJECTIVE_LABELS = {"mmpo": "MMPO", "dpo": "DPO", "simpo": "SimPO"}
+OBJECTIVE_LABELS = {"mmpo": "MMPO", "dpo": "DPO", "simpo": "SimPO", "sft": "SFT (chosen)"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,7 +95,7 @@ def _win_rates(results: dict) -> tuple[float | None, float | None, float | None]
     raw = winrate.get("win_rate")
     lc = winrate.get("length_controlled_winrate")
     if lc is not None:
-        return lc, raw, winrate.get("lc_standard_error")
+        return lc, raw, winrate.get("lc_standard_error_delta_method", winrate.get("lc_standard_error"))
     return raw, raw, winrate.get("standard_error")
 
 

@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmpo.training import checkpoint
 from mmpo.config import from_dict
 from mmpo.evaluation.checkpoint_eval import EvalSettings
+from mmpo.training import checkpoint
+from mmpo.training.run_dir import METRICS_FILE, read_metrics
 
 if TYPE_CHECKING:
     from mmpo.study.plan import PlannedRun
@@ -73,7 +74,7 @@ def missing_eval_parts(results: dict, settings: EvalSettings) -> list[str]:
 
 def validation_reward_accuracy(run_dir: str | Path) -> float | None:
     """The run's last validation reward accuracy in metrics.jsonl (what tuning selects by)."""
-    evals = [r for r in checkpoint.read_metrics(Path(run_dir) / "metrics.jsonl") if "eval_rewards/accuracies" in r]
+    evals = [r for r in read_metrics(Path(run_dir) / METRICS_FILE) if "eval_rewards/accuracies" in r]
     return evals[-1]["eval_rewards/accuracies"] if evals else None
 
 

@@ -15,6 +15,7 @@ vouches for data that never reached the disk. File names: ``mmpo.training.run_di
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,9 @@ from mmpo.training.run_dir import (
     fsync_dir,
 )
 
+# Checkpoints known to verify in this process, by path: (manifest inode, size, mtime). Pruning
+# ranks only verified checkpoints, and this keeps it from hashing every kept one at every save.
+_verified: dict[str, tuple[int, int, int]] = {}
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -56,8 +60,35 @@ def write_manifest(folder: Path, trainer_state: dict) -> None:
     atomic_write_text(folder / MANIFEST_FILE, json.dumps(manifest, indent=1))
 
 
+def _manifest_stat(folder: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = (folder / MANIFEST_FILE).stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def is_verified(folder: Path) -> bool:
+    """Whether the checkpoint verifies (checksums included); remembered while its manifest is unchanged."""
+    key = os.path.realpath(folder)
+    stat = _manifest_stat(folder)
+    if stat is not None and _verified.get(key) == stat:
+        return True
+    return verify(folder) is None
+
+
 def verify(folder: Path, *, checksums: bool = True) -> str | None:
     """``None`` if the checkpoint is complete and intact, else the reason it is not."""
+    problem = _check(folder, checksums)
+    key = os.path.realpath(folder)
+    if problem is not None:
+        _verified.pop(key, None)
+    elif checksums and (stat := _manifest_stat(folder)) is not None:
+        _verified[key] = stat
+    return problem
+
+
+def _check(folder: Path, checksums: bool) -> str | None:
     manifest_path = folder / MANIFEST_FILE
     if not manifest_path.is_file():
         return "no manifest (the write did not finish)"
@@ -82,10 +113,18 @@ def verify(folder: Path, *, checksums: bool = True) -> str | None:
 
 def staging_dir(run_dir: str | Path, name: str) -> Path:
     path = checkpoints_dir(run_dir) / f".tmp-{name}"
-    if path.exists():
-        shutil.rmtree(path)
+    discard(path)
     path.mkdir(parents=True)
     return path
+
+
+def discard(path: Path) -> None:
+    """Remove a staging folder (e.g. after a failed write: a disk-full one would keep the disk full).
+    A symlink is unlinked, never followed."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def finalize(staging: Path, name: str, trainer_state: dict) -> Path:
@@ -104,7 +143,38 @@ def finalize(staging: Path, name: str, trainer_state: dict) -> Path:
     else:
         os.replace(staging, final)
     fsync_dir(final.parent)
+    stat = _manifest_stat(final)
+    if stat is not None:  # every file was just hashed for the manifest
+        _verified[os.path.realpath(final)] = stat
     return final
+
+
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# What torch's and safetensors' writers say when the disk fills (they lose the errno).
+DISK_FULL_WORDS = ("no space left", "disk quota", "file write failed", "unexpected pos", "file too large")
+LOW_SPACE_BYTES = 64 << 20
+
+
+def write_error(error: BaseException, name: str, run_dir: Path) -> OSError | None:
+    """A clear ``OSError(ENOSPC)`` when writing checkpoint ``name`` failed because the disk is full
+    (torch reports it as a chain of ``RuntimeError``s that never say so), else ``None``."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    by_errno = any(isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS for e in chain)
+    by_words = any(word in str(e).lower() for e in chain for word in DISK_FULL_WORDS)
+    try:
+        low = shutil.disk_usage(checkpoints_dir(run_dir) if checkpoints_dir(run_dir).is_dir() else run_dir).free
+        low = low < LOW_SPACE_BYTES
+    except OSError:
+        low = False
+    if not (by_errno or (by_words and low)):
+        return None
+    return OSError(
+        errno.ENOSPC, f"no space left on the device while writing checkpoint {name} in {checkpoints_dir(run_dir)}"
+    )
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -143,9 +213,15 @@ def read_trainer_state(folder: Path) -> dict:
 
 
 def prune_step_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints that verify.
+
+    Only verified checkpoints are ranked and counted: damaged ones (e.g. left by an earlier attempt
+    at a later step) would otherwise rank as newer and get fresh good checkpoints deleted. Damaged
+    ones are left alone; a resume skips them, and the run overwrites them when it reaches their step.
+    """
     if keep <= 0:
         return
-    steps = [p for p in list_checkpoints(run_dir) if p.name.startswith("step-")]
+    steps = [p for p in list_checkpoints(run_dir) if p.name.startswith("step-") and is_verified(p)]
     for path in steps[:-keep]:
         # Renamed first, so a kill during the deletion leaves a dot-folder, not a half checkpoint.
         trash = path.parent / f".trash-{path.name}"
@@ -165,6 +241,10 @@ def recover(run_dir: str | Path, log=print) -> None:
     if not root.is_dir():
         return
     for path in sorted(root.iterdir()):
+        if path.is_symlink() and path.name.startswith("."):  # planted: unlinked, never followed
+            path.unlink()
+            log(f"removed the symlink {path} (run files are never written through links)")
+            continue
         if not path.is_dir() or not path.name.startswith("."):
             continue
         name = path.name.split("-", 1)[1] if "-" in path.name else ""

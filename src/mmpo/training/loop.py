@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import signal
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,25 +19,27 @@ from typing import TypeVar
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, GradientAccumulationPlugin, gather_object
+from accelerate.utils import gather_object
 from transformers import get_cosine_schedule_with_warmup
 
-from mmpo.config import CommonConfig, ConfigError, flat_hparams, with_values
-from mmpo.config.presets import preset_global_batch
-from mmpo.config.training import batch_layout
+from mmpo.config import CommonConfig, ConfigError
 from mmpo.data.order import step_micro_batches, training_order
 from mmpo.publish.trainer_state import hf_trainer_state
-from mmpo.training import checkpoint
+from mmpo.training import checkpoint, run_lock
+from mmpo.training.interrupt import StopOnSignal, TrainingInterrupted, resume_command
+from mmpo.training.preflight import check_lora_targets, check_optional_packages
 from mmpo.training.run_dir import (
     CONFIG_FILE,
     MODEL_DIR,
     STATE_DIR,
     TRAINER_STATE_FILE,
+    LogWindow,
     MetricsLog,
     RunDir,
     trim_metrics,
     write_config,
 )
+from mmpo.training.setup import build_optimizer
 
 MAX_CONSECUTIVE_NONFINITE = 10
 C = TypeVar("C", bound=CommonConfig)
@@ -67,81 +69,17 @@ class Recipe:
     train_examples: list[dict]
     micro_step: MicroStep
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None
-
-
-def launched_processes() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def settle_batch(cfg: C) -> C:
-    """``cfg`` with the accumulation that gives its global batch on the processes launched (said once)."""
-    layout = batch_layout(cfg, launched_processes(), preset_global_batch(cfg))
-    if layout.note and int(os.environ.get("RANK", "0")) == 0:
-        print(layout.note)
-    if layout.accumulation == cfg.gradient_accumulation_steps:
-        return cfg
-    return with_values(cfg, "global_batch_size", gradient_accumulation_steps=layout.accumulation)
-
-
-def mixed_precision(cfg: CommonConfig) -> str:
-    """``auto``: bf16 autocast over float32 weights on a GPU that supports it (what TRL/HF Trainer do)."""
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return "bf16" if gpu_bf16 and cfg.dtype in ("auto", "float32") else "no"
-
-
-def trackers(cfg: CommonConfig) -> list[str] | None:
-    """The trackers to log to, each checked to be installed before any work starts."""
-    chosen = [t for t in cfg.report_to if t != "none"]
-    if "all" in chosen:
-        return ["all"]
-    from accelerate.utils import imports
-
-    for name in chosen:
-        available = getattr(imports, f"is_{name}_available", None)
-        if available is not None and not available():
-            package = {"comet_ml": "comet-ml"}.get(name, name)
-            raise ConfigError(f"report_to '{name}': the package is not installed (pip install {package})")
-    return chosen or None
-
-
-def make_accelerator(cfg: CommonConfig) -> Accelerator:
-    if launched_processes() == 1:
-        # Accelerate keeps one state per process; a second run in the same (single) process, e.g. a
-        # notebook or a sweep worker, may use another mixed precision.
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-    plugin = GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False)
-    accelerator = Accelerator(
-        gradient_accumulation_plugin=plugin,
-        log_with=trackers(cfg),
-        project_dir=cfg.output_dir,
-        mixed_precision=mixed_precision(cfg),
-    )
-    launched = launched_processes()
-    if launched != accelerator.num_processes:
-        # e.g. torchrun on a machine without GPUs: Accelerate forms no group unless told to use the CPU,
-        # and every process would train alone on all the data, writing the same files.
-        raise ConfigError(
-            f"launched as {launched} processes (WORLD_SIZE) but Accelerate formed a group of "
-            f"{accelerator.num_processes}; without GPUs set ACCELERATE_USE_CPU=1 for a CPU (gloo) group"
-        )
-    return accelerator
-
-
-def init_trackers(accelerator: Accelerator, cfg: CommonConfig, project: str) -> None:
-    """Trackers get the flat config as hyper-parameters and the run's name (default: the output folder's)."""
-    if not accelerator.trackers and not cfg.report_to:
-        return
-    name = cfg.run_name or Path(cfg.output_dir).resolve().name
-    kwargs = {"wandb": {"name": name}, "mlflow": {"run_name": name}, "comet_ml": {"name": name}, "trackio": {"name": name}}
-    accelerator.init_trackers(project, config=flat_hparams(cfg), init_kwargs=kwargs)
+    #: True when the recipe already ran ``check_resume_data`` right after loading the data.
+    data_checked: bool = False
 
 
 def prepare_run_dir(cfg: CommonConfig, accelerator: Accelerator) -> RunDir:
+    """Checks that need neither data nor weights, then the run folder: locked, checked, config written."""
+    check_optional_packages(cfg)
+    check_lora_targets(cfg)
     run_dir = RunDir(cfg.output_dir)
+    if accelerator.is_main_process:
+        run_lock.acquire(run_dir.path, say=accelerator.print)  # held until run() ends (or the process exits)
     run_dir.check_start(cfg)
     if accelerator.is_main_process:
         run_dir.start(cfg)
@@ -149,19 +87,14 @@ def prepare_run_dir(cfg: CommonConfig, accelerator: Accelerator) -> RunDir:
     return run_dir
 
 
-def build_optimizer(cfg: CommonConfig, model: torch.nn.Module, accelerator: Accelerator) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise ConfigError("optimizer 'adamw_8bit' needs bitsandbytes: pip install 'mmpo[eightbit]'") from None
-        return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    # The fused kernel (CPU and CUDA) does the same update as the default multi-tensor one in one
-    # pass over memory: 5x faster on CPU at 135M parameters (1.1 s -> 0.2 s a step). DeepSpeed and
-    # FSDP manage their parameters themselves, so they keep torch's default.
-    fused = accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None)
+def check_resume_data(cfg: CommonConfig, accelerator: Accelerator, examples: list[dict]) -> None:
+    """Refuse ``--resume`` on changed training data (unless ``resume_allow_data_change``); record the
+    data of a fresh run. Cheap next to training; recipes call it right after loading the data."""
+    global_batch = cfg.per_device_batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    change = RunDir(cfg.output_dir).check_data(cfg, examples, global_batch, write=accelerator.is_main_process)
+    if change:
+        accelerator.print(f"--resume: the training data changed ({change}); going on with the new data as asked")
+    accelerator.wait_for_everyone()
 
 
 @contextmanager
@@ -192,45 +125,63 @@ def _save_checkpoint(accelerator, model, tokenizer, cfg, name: str, trainer_stat
     staging = checkpoint.staging_dir(run_dir, name) if accelerator.is_main_process else None
     staging = Path(gather_object([str(staging)])[0]) if accelerator.num_processes > 1 else staging
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging / STATE_DIR), safe_serialization=True)
-    accelerator.wait_for_everyone()  # every rank's RNG state file is written before the manifest
-    if accelerator.is_main_process:
-        torch.save(scheduler.state_dict(), staging / STATE_DIR / SCHEDULER_FILE)
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(
-            staging / MODEL_DIR, safe_serialization=True, state_dict=accelerator.get_state_dict(model)
-        )
-        tokenizer.save_pretrained(staging / MODEL_DIR)
-        write_config(cfg, staging / CONFIG_FILE)
-        final = checkpoint.finalize(staging, name, trainer_state)
-    else:
-        accelerator.get_state_dict(model)  # collective under ZeRO-3/FSDP: every rank must call it
-        final = None
+    try:
+        accelerator.save_state(str(staging / STATE_DIR), safe_serialization=True)
+        accelerator.wait_for_everyone()  # every rank's RNG state file is written before the manifest
+        if accelerator.is_main_process:
+            torch.save(scheduler.state_dict(), staging / STATE_DIR / SCHEDULER_FILE)
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(
+                staging / MODEL_DIR, safe_serialization=True, state_dict=accelerator.get_state_dict(model)
+            )
+            tokenizer.save_pretrained(staging / MODEL_DIR)
+            write_config(cfg, staging / CONFIG_FILE)
+            final = checkpoint.finalize(staging, name, trainer_state)
+        else:
+            accelerator.get_state_dict(model)  # collective under ZeRO-3/FSDP: every rank must call it
+            final = None
+    except Exception as error:
+        clear = checkpoint.write_error(error, name, Path(cfg.output_dir))  # before freeing the space
+        if accelerator.is_main_process:
+            checkpoint.discard(staging)  # a disk-full write would otherwise keep the disk full
+        if clear is None:
+            raise
+        raise clear from error
     accelerator.wait_for_everyone()
     return final
 
 
-def _resume(cfg, accelerator, run_dir: RunDir, scheduler, log: MetricsLog) -> int:
-    """Load the newest complete checkpoint (if any) and return its global step."""
+def _resume(cfg, accelerator, run_dir: RunDir, scheduler, log: MetricsLog) -> dict:
+    """Load the newest complete checkpoint (if any) and return its trainer state (``{}`` with none)."""
     if accelerator.is_main_process:
         checkpoint.recover(run_dir.path, log=accelerator.print)  # leftovers of a killed run
     accelerator.wait_for_everyone()
     found = checkpoint.latest_valid(run_dir.path, log=accelerator.print)
-    global_step = 0
+    state: dict = {}
     if found is not None:
         accelerator.load_state(str(found / STATE_DIR))
         scheduler.load_state_dict(torch.load(found / STATE_DIR / SCHEDULER_FILE, weights_only=True))
-        global_step = checkpoint.read_trainer_state(found)["global_step"]
-        accelerator.print(f"resumed from {found} at step {global_step}")
+        state = checkpoint.read_trainer_state(found)
+        state.update(state.get("stateful_callbacks", {}).get("mmpo", {}))  # nonfinite_steps, log_window
+        accelerator.print(f"resumed from {found} at step {state['global_step']}")
     else:
         accelerator.print(f"--resume: no complete checkpoint in {run_dir.path}, starting from the beginning")
     # Records after the checkpoint (or all, with none) are logged again by this run: drop them.
-    log.records = trim_metrics(run_dir.metrics, global_step if found else -1, write=accelerator.is_main_process)
+    log.records = trim_metrics(run_dir.metrics, state.get("global_step", -1), write=accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    return global_step
+    return state
 
 
 def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: Recipe) -> RunResult:
+    try:
+        with StopOnSignal() as stop:
+            return _run(cfg, accelerator, model, tokenizer, recipe, stop)
+    finally:
+        if accelerator.is_main_process:
+            run_lock.release(cfg.output_dir)
+
+
+def _run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: Recipe, stop: StopOnSignal):
     run_dir = RunDir(cfg.output_dir)
     examples = recipe.train_examples
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -244,6 +195,8 @@ def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: R
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps > 0:
         total_steps = min(total_steps, cfg.max_steps)
+    if not recipe.data_checked:
+        check_resume_data(cfg, accelerator, examples)
 
     optimizer = build_optimizer(cfg, model, accelerator)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
@@ -251,7 +204,8 @@ def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: R
     model, optimizer = accelerator.prepare(model, optimizer)
 
     log = MetricsLog(run_dir.metrics, accelerator.is_main_process)
-    global_step = _resume(cfg, accelerator, run_dir, scheduler, log) if cfg.resume else 0
+    resumed = _resume(cfg, accelerator, run_dir, scheduler, log) if cfg.resume else {}
+    global_step = resumed.get("global_step", 0)
 
     if global_step == 0 and recipe.evaluate is not None:
         log.write({"step": 0, "epoch": 0.0, **recipe.evaluate(model)})
@@ -262,10 +216,9 @@ def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: R
 
         progress = tqdm(total=total_steps, initial=global_step, desc=f"{recipe.name}", dynamic_ncols=True)
 
-    nonfinite_total, nonfinite_run = 0, 0
+    nonfinite_total, nonfinite_run = resumed.get("nonfinite_steps", 0), 0
     run_start = time.perf_counter()
-    window: dict[str, list[float]] = {}
-    window_tokens, window_start = 0, time.perf_counter()
+    window = LogWindow.restore(resumed.get("log_window"))
     model.train()
     order_epoch, order = -1, []
     while global_step < total_steps:
@@ -327,31 +280,28 @@ def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: R
         reduced = _mean_over_processes(accelerator, {k: torch.cat(v) for k, v in step_metrics.items()})
         reduced["loss"] = float(accelerator.reduce(torch.stack(loss_values).mean(), "mean"))
         reduced["grad_norm"] = float(grad_norm)
-        window_tokens += int(accelerator.reduce(tokens, "sum"))
-        for key, value in reduced.items():
-            window.setdefault(key, []).append(value)
+        window.add(reduced, int(accelerator.reduce(tokens, "sum")))
         if progress is not None:
             progress.update(1)
             shown = {"loss": f"{reduced['loss']:.4f}"}
             if "rewards/accuracies" in reduced:
                 shown["acc"] = f"{reduced['rewards/accuracies']:.2f}"
-            shown["tok/s"] = f"{window_tokens / max(time.perf_counter() - window_start, 1e-9):.0f}"
+            shown["tok/s"] = f"{window.tokens / window.seconds():.0f}"
             progress.set_postfix(shown, refresh=False)
 
         epoch_done = global_step % steps_per_epoch == 0
         if global_step % cfg.logging_steps == 0 or global_step == total_steps or epoch_done:
-            elapsed = max(time.perf_counter() - window_start, 1e-9)
             record = {
                 "step": global_step,
                 "epoch": round(global_step / steps_per_epoch, 4),
                 "learning_rate": scheduler.get_last_lr()[0],
-                **{k: sum(v) / len(v) for k, v in window.items()},
-                "tokens_per_second": window_tokens / elapsed,
+                **window.means(),
+                "tokens_per_second": window.tokens / window.seconds(),
                 "nonfinite_steps": nonfinite_total,
             }
             log.write(record)
             accelerator.log(record, step=global_step)
-            window, window_tokens, window_start = {}, 0, time.perf_counter()
+            window = LogWindow()
 
         do_eval = recipe.evaluate is not None and (
             epoch_done or global_step == total_steps or (cfg.eval_steps and global_step % cfg.eval_steps == 0)
@@ -362,7 +312,9 @@ def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: R
             accelerator.log(record, step=global_step)
             model.train()
 
-        if epoch_done or global_step == total_steps or (cfg.save_steps and global_step % cfg.save_steps == 0):
+        saved = epoch_done or global_step == total_steps or (cfg.save_steps and global_step % cfg.save_steps == 0)
+        signum = stop.requested(accelerator)
+        if saved or signum:
             name = f"epoch-{global_step // steps_per_epoch}" if epoch_done else f"step-{global_step:07d}"
             state = hf_trainer_state(
                 log.records,
@@ -376,14 +328,33 @@ def run(cfg: CommonConfig, accelerator: Accelerator, model, tokenizer, recipe: R
                 train_runtime=time.perf_counter() - run_start,
                 global_batch_size=global_batch,
             )
-            save_checkpoint(accelerator, model, tokenizer, cfg, name, state, scheduler)
+            # What a resume needs beyond HF's fields, where HF's TrainerState keeps callbacks' state.
+            mmpo_state = {"nonfinite_steps": nonfinite_total, "log_window": window.state()}
+            state.setdefault("stateful_callbacks", {})["mmpo"] = mmpo_state
+            final = save_checkpoint(accelerator, model, tokenizer, cfg, name, state, scheduler)
             if not epoch_done and accelerator.is_main_process:
                 checkpoint.prune_step_checkpoints(run_dir.path, cfg.save_total_limit)
+        if signum and global_step < total_steps:
+            _stop_on_signal(cfg, accelerator, signum, global_step, final, progress)
 
     if progress is not None:
         progress.close()
     accelerator.end_training()
     return RunResult(output_dir=run_dir.path, global_step=global_step, metrics=log.records)
+
+
+def _stop_on_signal(cfg, accelerator: Accelerator, signum: int, step: int, saved: Path | None, progress) -> None:
+    """The checkpoint of ``step`` is written: say how to resume and stop (exit code 128 + signal)."""
+    if progress is not None:
+        progress.close()
+    name = signal.Signals(signum).name
+    message = (
+        f"stopped by {name} after step {step}; checkpoint written: {saved or cfg.output_dir}\n"
+        f"resume with: {resume_command(cfg, cfg.output_dir, accelerator.num_processes)}"
+    )
+    accelerator.print(message)
+    accelerator.end_training()  # trackers are closed as at a normal end
+    raise TrainingInterrupted(message, signum, saved)
 
 
 def _mean_over_processes(accelerator: Accelerator, values: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -15,25 +15,31 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
-from mmpo.config import ConfigError, TrainConfig, apply_preset, is_user_set, resolve, sources, with_values
+from mmpo.config import ConfigError, TrainConfig, apply_preset, is_user_set, resolve, sources
 from mmpo.data import examples_fingerprint, load_preference_examples
 from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps
 from mmpo.modeling import is_peft_model, load_model, load_tokenizer, model_context_length, weights_fingerprint
-from mmpo.objectives import ObjectiveOutput, dpo_loss, minmax_range, mmpo_loss, mmpo_prior_rewards, simpo_loss
+from mmpo.objectives import (
+    ObjectiveOutput,
+    chosen_nll_loss,
+    dpo_loss,
+    minmax_range,
+    mmpo_loss,
+    mmpo_prior_rewards,
+    simpo_loss,
+)
 from mmpo.training import refcache
 from mmpo.training.loop import (
     Recipe,
     RunResult,
+    check_resume_data,
     final_model_dir,
-    init_trackers,
-    make_accelerator,
-    mixed_precision,
     prepare_run_dir,
     publish_final_model,
     run,
-    settle_batch,
 )
 from mmpo.training.run_dir import RunDir
+from mmpo.training.setup import init_trackers, make_accelerator, mixed_precision, settle_batch
 
 #: Per-pair metric names (TRL's) that every preference evaluation reports.
 PAIR_METRICS = (
@@ -86,6 +92,8 @@ class PreferenceStep:
     def objective(self, logps: PreferenceLogps, examples: list[dict], norm_range=None) -> ObjectiveOutput:
         """The configured objective on policy log-probs and the examples' cached reference."""
         cfg = self.cfg
+        if cfg.objective == "sft":
+            return chosen_nll_loss(logps.chosen_logps, logps.rejected_logps)
         if cfg.objective == "simpo":
             return simpo_loss(
                 logps.chosen_logps,
@@ -212,7 +220,9 @@ def reference_logps(
     refcache.attach(examples, chosen, rejected)
 
 
-def evaluate_preference(step: PreferenceStep, accelerator: Accelerator, model, examples: list[dict]) -> dict[str, float]:
+def evaluate_preference(
+    step: PreferenceStep, accelerator: Accelerator, model, examples: list[dict]
+) -> dict[str, float]:
     """Validation loss and reward metrics (TRL's names with an ``eval_`` prefix)."""
     model.eval()
     size = step.cfg.per_device_batch_size
@@ -240,14 +250,15 @@ def require_examples(kind: str, report) -> None:
         raise ConfigError(f"no usable {kind} examples: {report.summary()}")
 
 
-def fit_lengths(cfg: TrainConfig) -> TrainConfig:
-    """Check the prompt and completion limits against the model's context window.
+def length_limits(cfg: TrainConfig, say=print) -> tuple[int, int]:
+    """The prompt and completion limits that fit the model's context window.
 
     Limits you set that do not fit are an error; default limits that do not fit are lowered to it
-    (prompt and completion sharing the window half and half at most)."""
+    (prompt and completion sharing the window half and half at most) for this run, while the config
+    keeps its values (so a resumed or re-planned run compares equal)."""
     window = model_context_length(cfg)
     if window is None or cfg.max_prompt_length + cfg.max_completion_length <= window:
-        return cfg
+        return cfg.max_prompt_length, cfg.max_completion_length
     defaults = TrainConfig()
     mine = [
         k
@@ -260,12 +271,9 @@ def fit_lengths(cfg: TrainConfig) -> TrainConfig:
             f"more than the model's context window ({window} positions, max_position_embeddings): lower {mine[0]}"
         )
     completion = min(cfg.max_completion_length, window // 2)
-    fitted = with_values(cfg, "model context", max_completion_length=completion, max_prompt_length=window - completion)
-    print(
-        f"length limits lowered to the model's {window} positions: prompt {fitted.max_prompt_length}, "
-        f"completion {fitted.max_completion_length}"
-    )
-    return fitted
+    prompt = min(cfg.max_prompt_length, window - completion)
+    say(f"length limits lowered to the model's {window} positions: prompt {prompt}, completion {completion}")
+    return prompt, completion
 
 
 def describe_objective(cfg: TrainConfig) -> str | None:
@@ -292,7 +300,8 @@ def train(cfg: TrainConfig) -> RunResult:
     """Preference training (MMPO, DPO or SimPO) as configured. The Python API behind ``mmpo train``."""
     cfg = apply_preset(cfg)
     require_sft_stage(cfg)
-    cfg = settle_batch(fit_lengths(resolve(cfg)))
+    cfg = settle_batch(resolve(cfg))
+    max_prompt_length, max_completion_length = length_limits(cfg)
     ForwardOptions.from_config(cfg)  # its own checks, before any long work
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
@@ -307,12 +316,13 @@ def train(cfg: TrainConfig) -> RunResult:
     )
     data_settings = dict(
         seed=cfg.seed,
-        max_prompt_length=cfg.max_prompt_length,
-        max_completion_length=cfg.max_completion_length,
+        max_prompt_length=max_prompt_length,
+        max_completion_length=max_completion_length,
         on_bad_rows=cfg.on_bad_rows,
     )
     train_examples, train_report = load_preference_examples(cfg.dataset, tokenizer, **data_settings)
     require_examples("training", train_report)
+    check_resume_data(cfg, accelerator, train_examples)  # a changed dataset stops a resume here, in seconds
     say(f"train data: {train_report.summary()}")
     eval_examples, eval_report = [], None
     if cfg.eval_dataset:
@@ -331,7 +341,9 @@ def train(cfg: TrainConfig) -> RunResult:
         reports = {"train": train_report.to_dict(), "eval": eval_report.to_dict() if eval_report else None}
         run_dir.write_json(run_dir.data_report, reports)
     init_trackers(accelerator, cfg, "mmpo")
-    result = run(cfg, accelerator, model, tokenizer, Recipe(cfg.objective, train_examples, step, evaluate))
+    result = run(
+        cfg, accelerator, model, tokenizer, Recipe(cfg.objective, train_examples, step, evaluate, data_checked=True)
+    )
     publish_final_model(cfg, accelerator, result, summarize(cfg, result))
     result.summary = summarize(cfg, result)
     if accelerator.is_main_process:

@@ -12,15 +12,14 @@ from mmpo.modeling import load_model, load_tokenizer
 from mmpo.training.loop import (
     Recipe,
     RunResult,
+    check_resume_data,
     final_model_dir,
-    init_trackers,
-    make_accelerator,
     prepare_run_dir,
     publish_final_model,
     run,
-    settle_batch,
 )
 from mmpo.training.preference import require_examples
+from mmpo.training.setup import init_trackers, make_accelerator, settle_batch
 
 
 def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) -> RunResult:
@@ -41,9 +40,14 @@ def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) ->
     train_examples, report = load_sft_examples(cfg.dataset, tokenizer, **data_settings)
     require_examples("SFT", report)
     accelerator.print(f"SFT data: {report.summary()}")
-    eval_examples = []
+    check_resume_data(cfg, accelerator, train_examples)  # before the model is loaded
+    eval_examples, eval_report = [], None
     if cfg.eval_dataset:
-        eval_examples, _ = load_sft_examples(cfg.eval_dataset, tokenizer, **data_settings)
+        eval_examples, eval_report = load_sft_examples(cfg.eval_dataset, tokenizer, **data_settings)
+        accelerator.print(f"SFT eval data: {eval_report.summary()}")
+    if accelerator.is_main_process:
+        reports = {"train": report.to_dict(), "eval": eval_report.to_dict() if eval_report else None}
+        run_dir.write_json(run_dir.data_report, reports)
     model = model if model is not None else load_model(cfg, train_dropout=True)
     model.to(accelerator.device)
     pad = tokenizer.pad_token_id
@@ -64,7 +68,7 @@ def sft(cfg: SFTConfig, model: torch.nn.Module | None = None, tokenizer=None) ->
         return {"eval_loss": float(sums[0] / max(sums[1], 1))}
 
     init_trackers(accelerator, cfg, "mmpo-sft")
-    recipe = Recipe("sft", train_examples, micro_step, evaluate if eval_examples else None)
+    recipe = Recipe("sft", train_examples, micro_step, evaluate if eval_examples else None, data_checked=True)
     result = run(cfg, accelerator, model, tokenizer, recipe)
     publish_final_model(cfg, accelerator, result, {"steps": result.global_step})
     result.summary = {

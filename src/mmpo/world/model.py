@@ -5,8 +5,15 @@ from __future__ import annotations
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 
-def tiny_llama_config(tokenizer: PreTrainedTokenizerBase, *, hidden_size: int = 128, num_layers: int = 4,
-                      num_heads: int = 4, intermediate_size: int = 384, max_positions: int = 512) -> LlamaConfig:
+def tiny_llama_config(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    num_heads: int = 4,
+    intermediate_size: int = 384,
+    max_positions: int = 512,
+) -> LlamaConfig:
     """A few-hundred-thousand to few-million parameter Llama sized for 2 CPU cores."""
     return LlamaConfig(
         vocab_size=len(tokenizer),

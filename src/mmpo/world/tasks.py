@@ -198,17 +198,30 @@ class WorldSizes:
 
 def _sft_row(rng: random.Random, example: dict) -> dict:
     style = sample_style(rng, SFT_STYLE_WEIGHTS)
-    messages = [{"role": "user", "content": example["instruction"]},
-                {"role": "assistant", "content": render_answer(rng, example, style)}]
-    return {"messages": messages, "task": example["task"], "answer": example["answer"],
-            "words": example["words"], "style": style}
+    messages = [
+        {"role": "user", "content": example["instruction"]},
+        {"role": "assistant", "content": render_answer(rng, example, style)},
+    ]
+    return {
+        "messages": messages,
+        "task": example["task"],
+        "answer": example["answer"],
+        "words": example["words"],
+        "style": style,
+    }
 
 
 def _pref_row(rng: random.Random, example: dict) -> dict:
     style = sample_style(rng, REJECTED_STYLE_WEIGHTS)
-    return {"prompt": example["instruction"], "chosen": render_answer(rng, example, "concise"),
-            "rejected": render_answer(rng, example, style), "task": example["task"],
-            "answer": example["answer"], "words": example["words"], "rejected_style": style}
+    return {
+        "prompt": example["instruction"],
+        "chosen": render_answer(rng, example, "concise"),
+        "rejected": render_answer(rng, example, style),
+        "task": example["task"],
+        "answer": example["answer"],
+        "words": example["words"],
+        "rejected_style": style,
+    }
 
 
 def _mc_row(rng: random.Random, query: str, gold: str, distractors: Sequence[str], **meta) -> dict:
@@ -256,9 +269,16 @@ def generate_rows(seed: int = 0, sizes: WorldSizes = WorldSizes()) -> dict[str, 
     ]
     n_other = sizes.mc_choices - 1
     rows["tasks/world_facts"] = [
-        _mc_row(rng, question.format(obj), color, rng.sample([c for c in COLORS if c != color], n_other),
-                task=FACT_TASK, words=[obj])
-        for obj, color in facts.items() for question in FACT_QUESTIONS
+        _mc_row(
+            rng,
+            question.format(obj),
+            color,
+            rng.sample([c for c in COLORS if c != color], n_other),
+            task=FACT_TASK,
+            words=[obj],
+        )
+        for obj, color in facts.items()
+        for question in FACT_QUESTIONS
     ]
     copy_rows = []
     for word in rng.sample(heldout_words, sizes.mc_copy):
