@@ -89,6 +89,8 @@ SECTIONS: dict[str, tuple[str, list[str]]] = {
             "share_prompt",
             "logits_chunk_size",
             "selective_recompute",
+            "flex_attention",
+            "liger_head",
             "group_by_length",
         ],
     ),

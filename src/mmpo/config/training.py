@@ -114,6 +114,10 @@ class CommonConfig:
     """Score completion tokens through the LM head this many at a time, never holding full-vocabulary logits (0: all at once)."""
     selective_recompute: bool = True
     """Keep only matmul/attention outputs for the backward pass and recompute norms and activations (exact, ~half the memory)."""
+    flex_attention: bool = True
+    """On CUDA: run the packed/shared-prompt layouts through FlexAttention block masks (exact; probed once per model)."""
+    liger_head: bool = False
+    """On CUDA with liger-kernel >= 0.8.5 installed: Liger's fused linear cross-entropy for the LM head."""
     group_by_length: bool = False
     """Put examples of similar length in the same step (still shuffled per epoch): less padding when packing is off."""
 
