@@ -18,6 +18,18 @@ CORPUS = [
     "Hello there! How are you today? 0123456789",
 ]
 WORDS = ["banop", "zorbat", "mipo", "tuvalak", "fox", "dog", "quick", "lazy", "brown", "hello"]
+#: Sizes of a world small enough to build in a test (``mmpo.world.tasks.WorldSizes`` fields).
+SMALL_WORLD = dict(
+    train_words=200,
+    heldout_words=250,
+    facts=20,
+    sft_train=400,
+    sft_val=50,
+    prefs_train=300,
+    prefs_test=60,
+    prompts_eval=50,
+    mc_copy=40,
+)
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 

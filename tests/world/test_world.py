@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from helpers import SMALL_WORLD
 from mmpo.world.build import (
     DEFAULT_OUT,
     build_world,
@@ -27,17 +28,7 @@ from mmpo.world.tasks import (
     near_miss,
 )
 
-SMALL = WorldSizes(
-    train_words=200,
-    heldout_words=250,
-    facts=20,
-    sft_train=400,
-    sft_val=50,
-    prefs_train=300,
-    prefs_test=60,
-    prompts_eval=50,
-    mc_copy=40,
-)
+SMALL = WorldSizes(**SMALL_WORLD)
 TRAIN_FILES = ("data/sft_train", "data/prefs_train")
 HELDOUT_FILES = ("data/sft_val", "data/prefs_test", "data/prompts_eval", "tasks/world_copy")
 

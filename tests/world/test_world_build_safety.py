@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, SMALL_WORLD
 from mmpo.cli import WorldBuildArgs
 from mmpo.commands import run_world_build
 from mmpo.config import ConfigError
@@ -23,17 +23,7 @@ from mmpo.world import ASSETS
 from mmpo.world.build import _exchange, build_world, switch_into_place
 from mmpo.world.tasks import WorldSizes
 
-SMALL = dict(
-    train_words=200,
-    heldout_words=250,
-    facts=20,
-    sft_train=400,
-    sft_val=50,
-    prefs_train=300,
-    prefs_test=60,
-    prompts_eval=50,
-    mc_copy=40,
-)
+SMALL = SMALL_WORLD
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
