@@ -159,3 +159,17 @@ def test_yaml_scientific_notation_is_a_number(tmp_path):
 def test_with_values_keeps_the_record():
     cfg = with_values(TrainConfig(epochs=3), "sweep", beta=0.5)
     assert sources(cfg)["epochs"] == "api" and sources(cfg)["beta"] == "sweep" and sources(cfg)["seed"] == "default"
+
+
+def test_resume_compares_the_global_batch_not_the_accumulation_derived_from_it():
+    from mmpo.config import resume_mismatches, to_dict
+
+    saved = to_dict(
+        with_values(TrainConfig(global_batch_size=128), "global_batch_size", gradient_accumulation_steps=16)
+    )
+    assert (
+        resume_mismatches(saved, TrainConfig(global_batch_size=128)) == []
+    )  # re-planned: accumulation not derived yet
+    assert resume_mismatches(saved, TrainConfig(global_batch_size=64)) == ["global_batch_size"]
+    plain = to_dict(TrainConfig(gradient_accumulation_steps=2))
+    assert resume_mismatches(plain, TrainConfig(gradient_accumulation_steps=4)) == ["gradient_accumulation_steps"]

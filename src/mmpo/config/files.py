@@ -130,6 +130,8 @@ def resume_mismatches(saved: dict[str, Any], current: Any) -> list[str]:
     lacks (written before the key existed) counts only if ``current`` moves it off its default."""
     now = to_dict(current)
     defaults = to_dict(type(current)())
-    return sorted(
-        k for k in set(saved) | set(now) if k not in RESUME_NEUTRAL_KEYS and saved.get(k, defaults.get(k)) != now.get(k)
-    )
+    neutral = set(RESUME_NEUTRAL_KEYS)
+    if now.get("global_batch_size") and saved.get("global_batch_size") == now.get("global_batch_size"):
+        # The global batch is the setting; accumulation is derived from it and the number of processes.
+        neutral.add("gradient_accumulation_steps")
+    return sorted(k for k in set(saved) | set(now) if k not in neutral and saved.get(k, defaults.get(k)) != now.get(k))
