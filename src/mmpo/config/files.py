@@ -131,7 +131,7 @@ def resume_mismatches(saved: dict[str, Any], current: Any) -> list[str]:
     now = to_dict(current)
     defaults = to_dict(type(current)())
     neutral = set(RESUME_NEUTRAL_KEYS)
-    if now.get("global_batch_size") and saved.get("global_batch_size") == now.get("global_batch_size"):
+    if now.get("global_batch_size") and saved.get("global_batch_size"):
         # The global batch is the setting; accumulation is derived from it and the number of processes.
         neutral.add("gradient_accumulation_steps")
     return sorted(k for k in set(saved) | set(now) if k not in neutral and saved.get(k, defaults.get(k)) != now.get(k))
