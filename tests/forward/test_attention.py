@@ -143,9 +143,11 @@ def test_probe_runs_in_float32_inside_accelerates_mixed_precision(tokenizer):
     """Accelerate's bf16 mixed precision wraps the model's forward in autocast: the probe must
     still compare in float32, or bf16 rounding would make every fast layout look inexact."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     from mmpo.forward.logps import choose_attention
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # one state per process: earlier tests made one
     model = Accelerator(mixed_precision="bf16", cpu=True).prepare(sensitive_llama(tokenizer).train())
     assert "_original_forward" in model.__dict__  # the wrapper this is about
     wrapped = model.__dict__["forward"]
@@ -154,6 +156,7 @@ def test_probe_runs_in_float32_inside_accelerates_mixed_precision(tokenizer):
         warnings.simplefilter("error", RuntimeWarning)  # no "not exact" fallback
         assert choose_attention(model, ForwardOptions(), tokenizer.pad_token_id, 50) == "segmented"
     assert model.__dict__["forward"] is wrapped  # training goes on under its autocast
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_attention_candidates_per_device_and_setting(tokenizer):
