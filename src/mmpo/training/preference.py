@@ -7,6 +7,7 @@ log-probs are computed once before the first step and cached on disk (``referenc
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,11 +298,12 @@ def require_sft_stage(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    """Preference training (MMPO, DPO or SimPO) as configured. The Python API behind ``mmpo train``."""
+    """Preference training (MMPO, DPO, SimPO, or SFT on the chosen answers) as configured; ``mmpo train``."""
     cfg = apply_preset(cfg)
     require_sft_stage(cfg)
     cfg = settle_batch(resolve(cfg))
-    max_prompt_length, max_completion_length = length_limits(cfg)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    max_prompt_length, max_completion_length = length_limits(cfg, say=print if main_process else lambda _: None)
     ForwardOptions.from_config(cfg)  # its own checks, before any long work
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
