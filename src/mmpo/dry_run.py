@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from mmpo.config import CommonConfig, SFTConfig, TrainConfig, apply_preset, resolve, sources, to_dict
+from mmpo.config import CommonConfig, ConfigError, SFTConfig, TrainConfig, apply_preset, resolve, sources, to_dict
 from mmpo.config.presets import preset_global_batch
 from mmpo.config.training import batch_layout
 from mmpo.study.estimate import count_rows, estimate_gpu_memory
@@ -18,11 +18,15 @@ from mmpo.study.estimate import count_rows, estimate_gpu_memory
 def plan(cfg: CommonConfig, processes: int = 1) -> dict[str, Any]:
     """The resolved settings with their sources, data sizes, the batch layout and the step counts."""
     cfg = resolve(apply_preset(cfg))
-    lengths = None
+    lengths, notes = None, []
     if isinstance(cfg, TrainConfig):
-        from mmpo.training.preference import length_limits
+        from mmpo.training.preference import length_limits, require_sft_stage
 
         lengths = length_limits(cfg, say=lambda _message: None)
+        try:
+            require_sft_stage(cfg)
+        except ConfigError as missing:
+            notes.append(str(missing))
     layout = batch_layout(cfg, processes, preset_global_batch(cfg))
     origin = sources(cfg)
     if layout.accumulation != cfg.gradient_accumulation_steps:
@@ -53,6 +57,7 @@ def plan(cfg: CommonConfig, processes: int = 1) -> dict[str, Any]:
         "warmup_steps": math.ceil(cfg.warmup_ratio * total) if total else None,
         "memory_gib": round(memory.total_gib, 1) if memory else None,
         "memory_parts": {k: round(v, 2) for k, v in memory.parts.items()} if memory else None,
+        "notes": notes,
     }
 
 
@@ -80,4 +85,5 @@ def render(result: dict[str, Any]) -> str:
     if result["memory_gib"] is not None:
         parts = ", ".join(f"{k} {v}" for k, v in result["memory_parts"].items())
         lines.append(f"GPU memory per process: ~{result['memory_gib']} GiB, an estimate, not a measurement ({parts})")
+    lines += [f"note: {note}" for note in result["notes"]]
     return "\n".join(lines)

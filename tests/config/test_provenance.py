@@ -94,6 +94,9 @@ def test_dry_run_shows_sources_counts_and_steps_without_loading(monkeypatch):
     assert "[api]" in text and "[objective default]" in text and "500 in total" in text
     hub = plan(TrainConfig(preset="smollm2-135m-instruct"))
     assert hub["train_rows"] == 12359 + 61135  # the paper's Hub datasets, counted from a table offline
+    assert hub["notes"] == []  # the -instruct preset needs no SFT stage
+    stage = plan(TrainConfig(preset="smollm2-135m"))
+    assert "run `mmpo sft --preset smollm2-135m` first" in render(stage)
     assert hub["steps_per_epoch"] == (12359 + 61135) // 128
     unknown = plan(TrainConfig(dataset=("someone/unknown-prefs:train",)))
     assert unknown["train_rows"] is None and "size unknown offline" in render(unknown)
