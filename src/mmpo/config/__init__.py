@@ -10,7 +10,6 @@ from mmpo.config.files import (
     from_dict,
     load_yaml,
     resume_mismatches,
-    save_yaml,
     to_dict,
 )
 from mmpo.config.presets import PRESETS, SFT_PRESETS, apply_preset, preset_values
@@ -39,7 +38,6 @@ __all__ = [
     "preset_values",
     "resolve",
     "resume_mismatches",
-    "save_yaml",
     "sources",
     "to_dict",
     "with_values",

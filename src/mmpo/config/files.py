@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
 import re
 import typing
 from pathlib import Path
@@ -96,14 +95,6 @@ def flat_hparams(cfg: Any) -> dict[str, str | int | float | bool]:
             value = ",".join(map(str, value))
         flat[key] = "" if value is None else value
     return flat
-
-
-def save_yaml(cfg: Any, path: str | Path) -> None:
-    """Written whole or not at all (a temporary file renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
 
 
 # Keys whose change does not make a resumed run a different run.

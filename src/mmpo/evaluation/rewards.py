@@ -81,7 +81,7 @@ def reward_accuracy(
     if needs_reference(cfg):
         reference = load_model(with_model(cfg, str(baseline)))
         reference.to(accelerator.device)
-        reference_logps(cfg, accelerator, reference, examples, step.pad_token_id, say)
+        reference_logps(step, accelerator, reference, examples, say)
         del reference
     policy = load_model(with_model(cfg, str(model_dir)))
     policy.to(accelerator.device)

@@ -22,6 +22,7 @@ from mmpo.forward import ForwardOptions, PreferenceLogps, preference_logps
 from mmpo.modeling import is_peft_model, load_model, load_tokenizer, model_context_length, weights_fingerprint
 from mmpo.objectives import (
     ObjectiveOutput,
+    batch_loss,
     chosen_nll_loss,
     dpo_loss,
     minmax_range,
@@ -133,10 +134,12 @@ class PreferenceStep:
             length_normalize=cfg.length_normalize,
         )
         out = self.objective(logps, examples, norm_range)
-        loss = out.losses.mean()
-        if cfg.entropy_coef > 0:
-            entropy = torch.cat([logps.chosen_entropy, logps.rejected_entropy]).mean()
-            loss = loss - cfg.entropy_coef * entropy
+        loss = batch_loss(
+            out.losses,
+            entropy_coef=cfg.entropy_coef,
+            chosen_entropy=logps.chosen_entropy,
+            rejected_entropy=logps.rejected_entropy,
+        )
         metrics = {
             "rewards/chosen": out.chosen_rewards,
             "rewards/rejected": out.rejected_rewards,
@@ -159,9 +162,7 @@ class PreferenceStep:
         return self.loss(model, batch, norm_range)
 
 
-def reference_logps(
-    cfg: TrainConfig, accelerator: Accelerator, model, examples: list[dict], pad_token_id: int, say=print
-) -> None:
+def reference_logps(step: PreferenceStep, accelerator: Accelerator, model, examples: list[dict], say=print) -> None:
     """Attach cached (or freshly computed) reference log-probs to every example.
 
     Called before the first optimizer step, when the policy *is* the reference (dropout off; LoRA
@@ -169,6 +170,7 @@ def reference_logps(
     """
     if not examples:
         return
+    cfg, pad_token_id, options = step.cfg, step.pad_token_id, step.options
     ids = [ex["id"] for ex in examples]
     key = refcache.cache_key(
         model_fingerprint=weights_fingerprint(model),
@@ -180,7 +182,6 @@ def reference_logps(
     if cached is None:
         say(f"computing reference log-probs for {len(examples)} pairs")
         model.eval()
-        options = ForwardOptions.from_config(cfg)
 
         def logps_fn(batch):
             # Same autocast as the training steps, so the policy equals the reference at step 0.
@@ -304,7 +305,7 @@ def train(cfg: TrainConfig) -> RunResult:
     cfg = settle_batch(resolve(cfg))
     main_process = int(os.environ.get("RANK", "0")) == 0
     max_prompt_length, max_completion_length = length_limits(cfg, say=print if main_process else lambda _: None)
-    ForwardOptions.from_config(cfg)  # its own checks, before any long work
+    options = ForwardOptions.from_config(cfg)  # built once; its checks run before any long work
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     say = accelerator.print
@@ -333,10 +334,10 @@ def train(cfg: TrainConfig) -> RunResult:
 
     model = load_model(cfg)
     model.to(accelerator.device)
-    step = PreferenceStep.from_config(cfg, tokenizer.pad_token_id)
+    step = PreferenceStep(cfg, tokenizer.pad_token_id, options)
     if needs_reference(cfg):
-        reference_logps(cfg, accelerator, model, train_examples, step.pad_token_id, say)
-        reference_logps(cfg, accelerator, model, eval_examples, step.pad_token_id, say)
+        reference_logps(step, accelerator, model, train_examples, say)
+        reference_logps(step, accelerator, model, eval_examples, say)
 
     evaluate = (lambda m: evaluate_preference(step, accelerator, m, eval_examples)) if eval_examples else None
     if accelerator.is_main_process:

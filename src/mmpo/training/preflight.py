@@ -19,9 +19,6 @@ OPTIONAL_PACKAGES = {
     ),
     "bitsandbytes": (("bitsandbytes",), "pip install 'mmpo[eightbit]', or use --optimizer adamw"),
     "deepspeed": (("deepspeed", "DeepSpeed"), "pip install deepspeed, or launch without the DeepSpeed config"),
-    "wandb": (("wandb",), "pip install wandb, or drop it from --report-to"),
-    "tensorboard": (("tensorboard",), "pip install tensorboard, or drop it from --report-to"),
-    "mlflow": (("mlflow",), "pip install mlflow, or drop it from --report-to"),
     "trl": (("trl",), "pip install 'mmpo[bench]'"),
     "psutil": (("psutil",), "pip install 'mmpo[bench]'"),
 }
@@ -70,7 +67,6 @@ def check_optional_packages(cfg: CommonConfig) -> None:
     needed = {
         "flash_attn": cfg.attn_implementation == "flash_attention_2",
         "bitsandbytes": cfg.optimizer == "adamw_8bit",
-        **{tracker: tracker in cfg.report_to for tracker in ("wandb", "tensorboard", "mlflow")},
     }
     for package, used in needed.items():
         if used and importlib.util.find_spec(package) is None:
