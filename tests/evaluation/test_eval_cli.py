@@ -67,7 +67,7 @@ def test_eval_reports_three_axes_and_reuses_its_work(tmp_path, tiny_model_dir, p
     )
     results = evaluate_checkpoint(trained_run, settings)
     assert 0.0 <= results["rewards"]["reward_accuracy"] <= 1.0 and results["rewards"]["pairs"] == 12
-    per_judge = results["winrate"]["per_judge"]["programmatic:world"]
+    per_judge = results["winrate"]["per_judge"]["programmatic"]
     assert 0.0 <= per_judge["win_rate"] <= 100.0 and "length_controlled_winrate" in per_judge
     assert results["harness"]["tasks"]["tiny_copy"]["acc"] is not None
     saved = json.loads(Path(results["results_file"]).read_text())
@@ -79,6 +79,12 @@ def test_eval_reports_three_axes_and_reuses_its_work(tmp_path, tiny_model_dir, p
     reference_records = json.loads(Path(results["winrate"]["reference_outputs"]).read_text())
     assert {r["generator"] for r in model_records} == {f"run-{checkpoint.name}"}
     assert {r["generator"] for r in reference_records} == {Path(tiny_model_dir).name}
+    # task accuracy = the share of exactly-concise answers by the world's own grade (2 = concise)
+    from mmpo.world.tasks import grade
+
+    correct = results["winrate"]["correct_rate"]
+    assert correct["model"] == sum(grade(r, r["output"]) == 2 for r in model_records) / len(model_records)
+    assert correct["baseline"] == sum(grade(r, r["output"]) == 2 for r in reference_records) / len(reference_records)
     assert Path(results["winrate"]["reference_outputs"]).parent == Path(results["results_file"]).parent
 
     capsys.readouterr()

@@ -162,6 +162,21 @@ def test_model_args_for_full_and_adapter_folders(tiny_model_dir, tmp_path):
     assert _model_args(adapter, "auto") == f"pretrained={tiny_model_dir},peft={adapter.resolve()},dtype=auto"
 
 
+def test_model_args_for_gguf_files(tmp_path):
+    """lm-eval's HFLM takes a GGUF file as its folder plus gguf_file= (it dequantizes, as from_pretrained does)."""
+    gguf = tmp_path / "m.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert _model_args(gguf, "float32") == f"pretrained={tmp_path.resolve()},gguf_file=m.Q4_1.gguf,dtype=float32"
+    hub = "owner/repo/sub/m.Q8_0.gguf"
+    assert _model_args(hub, "auto") == "pretrained=owner/repo,gguf_file=sub/m.Q8_0.gguf,dtype=auto"
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(gguf)}))
+    assert _model_args(adapter, "auto") == (
+        f"pretrained={tmp_path.resolve()},gguf_file=m.Q4_1.gguf,peft={adapter.resolve()},dtype=auto"
+    )
+
+
 def test_missing_model_folder_fails_before_lm_eval(tmp_path):
     with pytest.raises(FileNotFoundError, match="model folder not found"):
         run_harness(tmp_path / "nope", ["arc_easy"])

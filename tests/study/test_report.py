@@ -23,7 +23,7 @@ EPOCHS = 3
 STEPS_PER_EPOCH = 4
 
 
-def make_sweep(root: Path, *, seed: int = 0, length_controlled: bool = True) -> Path:
+def make_sweep(root: Path, *, seed: int = 0, length_controlled: bool = True, task_accuracy: bool = False) -> Path:
     """A sweep folder as `mmpo sweep` leaves it, with random numbers in every result file."""
     rng = random.Random(seed)
     runs = []
@@ -84,6 +84,8 @@ def make_sweep(root: Path, *, seed: int = 0, length_controlled: bool = True) -> 
                         winrate.update(
                             length_controlled_winrate=rng.uniform(20, 80), lc_standard_error_delta_method=1.0
                         )
+                    if task_accuracy:  # what the programmatic judge adds: verifier-checked answers
+                        winrate["correct_rate"] = {"model": rng.random(), "baseline": 0.25}
                     results = {"winrate": winrate, "harness": {"average_acc": rng.uniform(0.3, 0.5)}}
                     if not (objective == "dpo" and epoch == 2):  # the report falls back to metrics.jsonl
                         results["rewards"] = {"reward_accuracy": rng.random()}
@@ -297,3 +299,30 @@ def test_cli_report_and_a_folder_that_is_not_a_sweep(sweep, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(tmp_path / "o")]) == 2
     assert "is not a sweep folder (no plan.json)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_task_accuracy_table_equals_the_result_files(tmp_path):
+    sweep = make_sweep(tmp_path / "sweep", task_accuracy=True)
+    text = write_report(sweep, tmp_path / "out").read_text()
+    assert "The starting model's task accuracy: 25.0%" in text
+    plan = json.loads((sweep / "plan.json").read_text())
+    by_setting: dict[tuple, list[float]] = {}
+    for run in plan["runs"]:
+        cfg, variant = run["config"], run["roles"][0]["variant"]
+        method = {"mmpo": "MMPO", "dpo": "DPO", "simpo": "SimPO"}[cfg["objective"]] + (
+            f" ({variant})" if variant else ""
+        )
+        for epoch in range(1, EPOCHS + 1):
+            results_file = Path(cfg["output_dir"]) / "checkpoints" / f"epoch-{epoch}" / "eval" / "results.json"
+            value = json.loads(results_file.read_text())["winrate"]["correct_rate"]["model"]
+            by_setting.setdefault((method, f"{cfg['beta']:g}", f"{epoch:g}"), []).append(value)
+    rows = table_rows(text, "## Task accuracy")
+    assert len(rows) == len(by_setting)
+    for row in rows:
+        values = by_setting[(row[0], row[1], row[2])]
+        assert row[3].split(" ± ")[0] == f"{statistics.fmean(values) * 100:.1f}"
+        assert row[7] == str(len(values))
+
+
+def test_no_task_accuracy_section_without_verifier_results(sweep, tmp_path):
+    assert "## Task accuracy" not in write_report(sweep, tmp_path / "out").read_text()

@@ -47,7 +47,7 @@ class EvalSettings:
     """Prompt set: a JSON/JSONL file with an 'instruction' column, or tatsu-lab/alpaca_eval (805 prompts)."""
     judge: tuple[str, ...] = ("programmatic",)
     """Judges: alpaca_eval:CONFIG (AlpacaEval's own annotator, e.g. the paper's
-    alpaca_eval:weighted_alpaca_eval_gpt-4o-mini-2024-07-18), programmatic (world tasks), and this package's
+    alpaca_eval:weighted_alpaca_eval_gpt-4o-mini-2024-07-18), programmatic (each prompt row's verifier, by its task), and this package's
     openai:MODEL (log-prob weighted), openai-binary:MODEL, anthropic:MODEL."""
     max_new_tokens: int = 512
     """Generation length limit."""
@@ -88,9 +88,10 @@ def parse_judge(spec: str):
 
     kind, _, model = spec.partition(":")
     if kind == "programmatic":
-        from mmpo.world.tasks import grade
+        # Each prompt row's own verifier (its ``task``): the bundled world's tasks and the real-model families.
+        from mmpo.pairs.verifiers import verify_by_task
 
-        return ProgrammaticJudge(grade, label="programmatic:world")
+        return ProgrammaticJudge(verify_by_task, label="programmatic")
     if kind == "alpaca_eval":
         return AlpacaEvalAnnotator(model or PAPER_ANNOTATOR)
     if kind not in ("openai", "openai-binary", "anthropic"):
@@ -218,11 +219,12 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
             say(f"judge {judge.name}: {failed} judgments failed; they are excluded and a rerun retries them")
     part = average_over_judges(per_judge)
     if any(j.startswith("programmatic") for j in s.judge):
-        from mmpo.world.tasks import grade
+        # Task accuracy: the share of answers the verifier scores 1 (the world's tasks: exactly the concise answer).
+        from mmpo.pairs.verifiers import verify_by_task
 
-        part["concise_correct_rate"] = {
-            "model": sum(grade(r, r["output"]) == 2 for r in model_records) / len(model_records),
-            "baseline": sum(grade(r, r["output"]) == 2 for r in base_records) / len(base_records),
+        part["correct_rate"] = {
+            "model": sum(verify_by_task(r, r["output"]) == 1 for r in model_records) / len(model_records),
+            "baseline": sum(verify_by_task(r, r["output"]) == 1 for r in base_records) / len(base_records),
         }
     part.update(
         model_outputs=str(model_path),
@@ -356,9 +358,9 @@ def summary_lines(results: dict) -> list[str]:
                 f"win-rate averaged over judges: {w.get('win_rate', float('nan')):.1f}%   "
                 f"LC {w.get('length_controlled_winrate', float('nan')):.1f}%"
             )
-        if "concise_correct_rate" in w:
-            c = w["concise_correct_rate"]
-            lines.append(f"concise correct answers: model {c['model']:.1%}  baseline {c['baseline']:.1%}")
+        if "correct_rate" in w:
+            c = w["correct_rate"]
+            lines.append(f"correct answers (verifier): model {c['model']:.1%}  baseline {c['baseline']:.1%}")
         lines.append(f"outputs: {w['model_outputs']} (reference: {w['reference_outputs']})")
     if "harness" in results:
         h = results["harness"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, set_seed
 
-from mmpo.modeling import is_adapter_folder, load_tokenizer, resolve_dtype
+from mmpo.modeling import is_adapter_folder, load_pretrained, load_tokenizer, resolve_dtype
 
 __all__ = [
     "ALPACA_EVAL_HUB_ID",
@@ -135,17 +135,11 @@ def load_instructions(
 
 
 def load_generation_model(path: str | Path, *, dtype: str = "auto", device: str | None = None) -> PreTrainedModel:
-    """A full model folder / Hub id, or a LoRA adapter folder (merged into its base for speed)."""
+    """A model folder, Hub id, GGUF file, or a LoRA adapter folder (merged into its base for speed)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = resolve_dtype(dtype)
+    model = load_pretrained(path, dtype=resolve_dtype(dtype), is_trainable=False)
     if is_adapter_folder(path):
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).merge_and_unload()
-    else:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        model = model.merge_and_unload()
     return model.to(device).eval()
 
 

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+from mmpo.gguf_models import gguf_source
+
 __all__ = ["PAPER_TASKS", "run_harness", "write_local_task_yamls", "summarize_lm_eval_results"]
 
 log = logging.getLogger(__name__)
@@ -114,17 +116,25 @@ def write_local_task_yamls(local_tasks_dir: str | Path, include_dir: str | Path)
     return names
 
 
+def _pretrained_args(model: str) -> str:
+    """``pretrained=`` for a folder / Hub id; a GGUF file is its folder plus ``gguf_file=`` (lm-eval's HFLM)."""
+    gguf = gguf_source(model)
+    if gguf is not None:
+        return f"pretrained={gguf.folder},gguf_file={gguf.file}"
+    return f"pretrained={Path(model).resolve() if Path(model).exists() else model}"
+
+
 def _model_args(model_path: str | Path, dtype: str) -> str:
-    """lm-eval's ``model_args`` for a model folder / Hub id, or base + ``peft=`` for a LoRA adapter."""
+    """lm-eval's ``model_args`` for a model folder / Hub id / GGUF file, or base + ``peft=`` for a LoRA adapter."""
     path = Path(model_path)
     adapter_config = path / "adapter_config.json"
     if adapter_config.is_file():
         base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        args = f"pretrained={base},peft={path.resolve()}"
+        args = f"{_pretrained_args(base)},peft={path.resolve()}"
         if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
             args += f",tokenizer={path.resolve()}"
     else:
-        args = f"pretrained={path.resolve() if path.exists() else model_path}"
+        args = _pretrained_args(str(model_path))
     return f"{args},dtype={dtype}"
 
 
@@ -197,7 +207,7 @@ def run_harness(
     dtype: str = "auto",
     device: str | None = None,
 ) -> dict:
-    """Zero-shot lm-eval accuracy of a model folder (or LoRA adapter folder) on ``tasks``.
+    """Zero-shot lm-eval accuracy of a model folder, GGUF file or LoRA adapter folder on ``tasks``.
 
     ``tasks`` may name lm-eval built-ins and the ``<name>`` of any ``<name>.jsonl`` in
     ``local_tasks_dir``. Unknown names fail before anything runs, listing close matches. Returns
@@ -211,7 +221,8 @@ def run_harness(
     tasks = list(tasks)
     if not tasks:
         raise ValueError("no tasks to run")
-    if not Path(model_path).is_dir() and not _looks_like_hub_id(str(model_path)):
+    is_gguf = gguf_source(str(model_path)) is not None  # a missing local .gguf file is a clear error here
+    if not is_gguf and not Path(model_path).is_dir() and not _looks_like_hub_id(str(model_path)):
         raise FileNotFoundError(f"model folder not found: {model_path}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -22,6 +22,7 @@ from mmpo.study.results import (
     collect,
     main_methods,
     pareto_tables,
+    seed_means,
     seed_spread,
 )
 
@@ -83,6 +84,8 @@ def markdown_report(
     ]
     if results.baseline_lm_acc is not None:
         lines.append(f"The SFT model's LM accuracy: {_num(results.baseline_lm_acc, 100, 2)}%.")
+    if results.baseline_task_accuracy is not None:
+        lines.append(f"The starting model's task accuracy: {_num(results.baseline_task_accuracy, 100)}%.")
     if results.wall_minutes is not None:
         lines.append(
             f"Sweep wall time: {results.wall_minutes:.0f} min (first to last entry of `events.jsonl`, "
@@ -94,6 +97,9 @@ def markdown_report(
     if notes:
         lines += [notes.strip(), ""]
 
+    settings = seed_means(points)
+    if any(r["task_accuracy"] for r in settings):
+        lines += _task_accuracy_table(settings, results.baseline_task_accuracy, win_label) + [""]
     lines += ["## Table 1: win-rate at the checkpoint of peak LM accuracy (over all β and epochs)", ""]
     raw = ["raw win-rate"] if results.length_controlled else []
     lines += _table(
@@ -249,6 +255,8 @@ def markdown_report(
         ("Every evaluated checkpoint, with the file its numbers come from: [`checkpoints.csv`](checkpoints.csv)."),
     ]
     data = {
+        "settings": _jsonable(settings),
+        "baseline_task_accuracy": results.baseline_task_accuracy,
         "pareto": _jsonable(tables),
         "beta_sensitivity": sensitivity,
         "seed_spread": _jsonable(seeds),
@@ -258,6 +266,38 @@ def markdown_report(
         "win_rate_metric": "length_controlled_winrate" if results.length_controlled else "win_rate",
     }
     return "\n".join(lines) + "\n", data
+
+
+def _task_accuracy_table(settings: list[dict], baseline: float | None, win_label: str) -> list[str]:
+    """Every (method, β, epoch): task accuracy first (what a verifier-graded study is about), then the rest."""
+    lines = [
+        "## Task accuracy, win-rate, retention and reward accuracy at every setting",
+        "",
+        (
+            "*Task accuracy*: the share of greedy answers to the held-out prompts that the prompts' verifiers score "
+            "right (%)"
+            + (f"; the starting model: {_num(baseline, 100)}%" if baseline is not None else "")
+            + f". *{win_label}*: by the programmatic judge against the starting model (%)."
+        ),
+        "",
+    ]
+    lines += _table(
+        ["method", "β", "epoch", "task acc", win_label, "LM acc", "reward acc", "seeds"],
+        [
+            [
+                r["method"],
+                f"{r['beta']:g}",
+                f"{r['epoch']:g}",
+                _pm(r["task_accuracy"], 100),
+                _pm(r["win_rate"]),
+                _pm(r["lm_acc"], 100, 2),
+                _pm(r["reward_accuracy"], 100),
+                str(len(r["seeds"])),
+            ]
+            for r in settings
+        ],
+    )
+    return lines
 
 
 def _jsonable(value: Any) -> Any:

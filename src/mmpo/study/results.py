@@ -53,6 +53,7 @@ class CheckpointResult:
     lm_acc: float | None
     reward_accuracy: float | None
     results_file: str
+    task_accuracy: float | None = None  # share of greedy answers the prompts' verifiers score right
 
 
 @dataclass
@@ -76,6 +77,7 @@ class SweepResults:
     length_controlled: bool
     missing: list[str]
     wall_minutes: float | None = None  # first to last event of events.jsonl
+    baseline_task_accuracy: float | None = None  # the starting model's, on the same prompts
 
 
 def _read_json(path: Path) -> Any:
@@ -107,6 +109,7 @@ def collect(sweep_dir: str | Path) -> SweepResults:
         raise ConfigError(f"{sweep_dir} is not a sweep folder (no plan.json); run `mmpo sweep` first")
     checkpoints, curves, missing = [], [], []
     length_controlled = True
+    baseline_task_accuracy = None
     for entry in plan["runs"]:
         experiments = [r for r in entry["roles"] if r["kind"] == "experiment"]
         if entry["kind"] != "train" or not experiments:
@@ -149,6 +152,9 @@ def collect(sweep_dir: str | Path) -> SweepResults:
             if reward_acc is None and step in evals_by_step:  # the engine's evaluation at that step
                 reward_acc = evals_by_step[step]["eval_rewards/accuracies"]
             harness = results.get("harness") or {}
+            correct = (results.get("winrate") or {}).get("correct_rate") or {}
+            if correct.get("baseline") is not None:
+                baseline_task_accuracy = correct["baseline"]
             checkpoints.append(
                 CheckpointResult(
                     run=entry["name"],
@@ -166,6 +172,7 @@ def collect(sweep_dir: str | Path) -> SweepResults:
                     lm_acc=harness.get("average_acc"),
                     reward_accuracy=reward_acc,
                     results_file=str(results_file),
+                    task_accuracy=correct.get("model"),
                 )
             )
     baseline_accs = [
@@ -186,6 +193,7 @@ def collect(sweep_dir: str | Path) -> SweepResults:
         length_controlled,
         missing,
         wall,
+        baseline_task_accuracy,
     )
 
 
@@ -237,6 +245,7 @@ def seed_means(points: list[CheckpointResult]) -> list[dict]:
                 "lm_acc": _cell(p.lm_acc for p in group),
                 "win_rate_raw": _cell(p.win_rate_raw for p in group),
                 "reward_accuracy": _cell(p.reward_accuracy for p in group),
+                "task_accuracy": _cell(p.task_accuracy for p in group),
                 "seeds": sorted({p.seed for p in group}),
             }
         )
