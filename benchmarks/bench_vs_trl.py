@@ -2,6 +2,8 @@
 
     python benchmarks/bench_vs_trl.py --threads 1                      # CPU, tiny and 135M (~30 min on 2 cores)
     python benchmarks/bench_vs_trl.py --device cuda --sizes 135m 360m 1b --runs trl-dpo mmpo-dpo
+    python benchmarks/bench_vs_trl.py --sizes --model models/SmolLM2-135M-Instruct \
+        --pairs runs/smollm2-135m-real/pairs-train/pairs.jsonl --batch 8 --threads 2   # real weights and pairs
     python benchmarks/bench_vs_trl.py --help                           # options
 
 Needs the ``bench`` extra (``pip install 'mmpo[bench]'``: trl, psutil).
@@ -22,7 +24,9 @@ every method pays (the RSS before loading plus 16 bytes per parameter); on CUDA 
 ``torch.cuda.max_memory_allocated`` over the timed steps minus the memory allocated right after
 the first optimizer step. On CUDA each row also gets its MFU (``flops.py``). TRL 1.16's DPO has
 no working ``padding_free`` (it warns and pads) and its Liger option excludes the fused loss, so
-TRL runs padded with sdpa. The pairs: ``workload.py``.
+TRL runs padded with sdpa. The pairs: ``workload.py``. ``--model`` adds a row for a real model
+folder (its own weights and tokenizer, e.g. the imported SmolLM2-135M-Instruct), and ``--pairs``
+replaces the synthetic pairs with the first rows of a pairs file (e.g. those ``mmpo pairs`` wrote).
 """
 
 from __future__ import annotations
@@ -305,6 +309,49 @@ def timed_step_flops(size: str, model_dir: Path, data_file: Path, spec_args) -> 
     return step_flops(timed, body=body_parameters(params, dims, config.tie_word_embeddings), dims=dims)
 
 
+def folder_parameters(model_dir: Path) -> int:
+    """Parameters stored in a model folder's safetensors files (tied weights are stored once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                total += _numel(handle.get_slice(name))
+    if not total:
+        raise SystemExit(f"--model {model_dir}: no safetensors weights there (import a GGUF with `mmpo model import`)")
+    return total
+
+
+def _numel(tensor_slice) -> int:
+    count = 1
+    for dim in tensor_slice.get_shape():
+        count *= dim
+    return count
+
+
+def bench_rows(args, count: int) -> list[dict]:
+    """The first ``count`` rows of ``--pairs``, or as many synthetic pairs."""
+    if not args.pairs:
+        return synthetic_pairs(count, args.seed, tuple(args.prompt_range), tuple(args.completion_range))
+    lines = [line for line in Path(args.pairs).read_text().splitlines() if line.strip()]
+    if len(lines) < count:
+        raise SystemExit(f"--pairs {args.pairs}: {len(lines)} rows, the run needs {count} (batch x (warm-up + steps))")
+    rows = []
+    for line in lines[:count]:
+        row = json.loads(line)
+        # Conversational, so that both trainers apply the chat template (TRL leaves plain strings as they are).
+        as_turn = lambda value, role: [{"role": role, "content": value}] if isinstance(value, str) else value
+        rows.append(
+            {
+                "prompt": as_turn(row["prompt"], "user"),
+                "chosen": as_turn(row["chosen"], "assistant"),
+                "rejected": as_turn(row["rejected"], "assistant"),
+            }
+        )
+    return rows
+
+
 def saved_model(size: str, tokenizer, model_dir: Path, args) -> int:
     """The random-weight model of ``size`` in ``model_dir`` (made once per work folder); its parameter count."""
     record = model_dir / "bench_model.json"
@@ -355,17 +402,20 @@ def vs_trl(args) -> int:
             record = {"command": " ".join(sys.argv), "commit": git_commit(), "results": results}
             Path(args.out).write_text(json.dumps({**record, "failures": failures}, indent=1))
 
-    for size in args.sizes:
-        big = size in SHAPES
+    sizes = list(args.sizes) + ([Path(args.model).name] if args.model else [])
+    for size in sizes:
+        big = size in SHAPES or size not in SIZES  # a real model folder counts as a real shape
         batch, warmup, steps = (
             (args.batch, args.warmup, args.steps) if big else (args.tiny_batch, args.tiny_warmup, args.tiny_steps)
         )
-        model_dir = workdir / f"model-{size}"
-        params = saved_model(size, tokenizer, model_dir, args)
+        if size in SIZES:
+            model_dir = workdir / f"model-{size}"
+            params = saved_model(size, tokenizer, model_dir, args)
+        else:  # --model: its own weights and tokenizer
+            model_dir = Path(args.model).resolve()
+            params = folder_parameters(model_dir)
         data_file = workdir / f"pairs-{size}.jsonl"
-        rows = synthetic_pairs(
-            batch * (warmup + steps), args.seed, tuple(args.prompt_range), tuple(args.completion_range)
-        )
+        rows = bench_rows(args, batch * (warmup + steps))
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         flops = timed_step_flops(size, model_dir, data_file, (batch, warmup, steps, args.seed, params))
         print(
@@ -416,7 +466,9 @@ def vs_trl(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     out = argparse.ArgumentParser(prog="python benchmarks/bench_vs_trl.py", description=__doc__.split("\n\n")[0])
-    out.add_argument("--sizes", nargs="+", default=["tiny", "135m"], choices=list(SIZES))
+    out.add_argument("--sizes", nargs="*", default=["tiny", "135m"], choices=list(SIZES))
+    out.add_argument("--model", default=None, help="also bench this model folder (real weights and tokenizer)")
+    out.add_argument("--pairs", default=None, help="a pairs JSONL to bench on instead of synthetic pairs")
     out.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(TRL + OURS))
     out.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     out.add_argument(
