@@ -385,13 +385,22 @@ def vs_trl(args) -> int:
         from flops import card_peak
 
         peak = args.peak_tflops * 1e12 if args.peak_tflops else card_peak(torch.cuda.get_device_name())
+    sizes = list(args.sizes) + ([Path(args.model).name] if args.model else [])
+    shapes = {  # a real model folder counts as a real shape
+        size: (args.batch, args.warmup, args.steps)
+        if size in SHAPES or size not in SIZES
+        else (args.tiny_batch, args.tiny_warmup, args.tiny_steps)
+        for size in sizes
+    }
+    for batch, warmup, steps in shapes.values():  # a short pairs file fails here, before any model is made
+        bench_rows(args, batch * (warmup + steps))
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmpo-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer = bench_tokenizer()
+    tokenizer = bench_tokenizer() if any(size in SIZES for size in sizes) else None  # the synthetic models'
     forward = json.loads(args.forward) if args.forward else {}
     results, failures = [], []
     if args.merge and args.out and Path(args.out).is_file():  # keep earlier runs of other (size, run) pairs
-        redo = {(size, run) for size in args.sizes for run in args.runs}
+        redo = {(size, run) for size in sizes for run in args.runs}
         earlier = json.loads(Path(args.out).read_text())
         results = [r for r in earlier["results"] if (r["size"], r["run"]) not in redo]
         failures = [f for f in earlier.get("failures", []) if (f["size"], f["run"]) not in redo]
@@ -402,12 +411,8 @@ def vs_trl(args) -> int:
             record = {"command": " ".join(sys.argv), "commit": git_commit(), "results": results}
             Path(args.out).write_text(json.dumps({**record, "failures": failures}, indent=1))
 
-    sizes = list(args.sizes) + ([Path(args.model).name] if args.model else [])
     for size in sizes:
-        big = size in SHAPES or size not in SIZES  # a real model folder counts as a real shape
-        batch, warmup, steps = (
-            (args.batch, args.warmup, args.steps) if big else (args.tiny_batch, args.tiny_warmup, args.tiny_steps)
-        )
+        batch, warmup, steps = shapes[size]
         if size in SIZES:
             model_dir = workdir / f"model-{size}"
             params = saved_model(size, tokenizer, model_dir, args)
