@@ -316,6 +316,9 @@ def test_task_accuracy_table_equals_the_result_files(tmp_path):
             results_file = Path(cfg["output_dir"]) / "checkpoints" / f"epoch-{epoch}" / "eval" / "results.json"
             value = json.loads(results_file.read_text())["winrate"]["correct_rate"]["model"]
             by_setting.setdefault((method, f"{cfg['beta']:g}", f"{epoch:g}"), []).append(value)
+    assert "![task accuracy vs LM accuracy](task_accuracy_vs_lm_accuracy.png)" in text
+    figure = tmp_path / "out" / "task_accuracy_vs_lm_accuracy.png"
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = table_rows(text, "## Task accuracy")
     assert len(rows) == len(by_setting)
     for row in rows:
@@ -326,3 +329,4 @@ def test_task_accuracy_table_equals_the_result_files(tmp_path):
 
 def test_no_task_accuracy_section_without_verifier_results(sweep, tmp_path):
     assert "## Task accuracy" not in write_report(sweep, tmp_path / "out").read_text()
+    assert not (tmp_path / "out" / "task_accuracy_vs_lm_accuracy.png").exists()

@@ -38,7 +38,15 @@ def _pyplot():
     return plt
 
 
-def _scatter(ax, rows: list[dict], method: str, color: str, baseline_acc: float | None, label_betas: bool) -> None:
+def _scatter(
+    ax,
+    rows: list[dict],
+    method: str,
+    color: str,
+    baseline_acc: float | None,
+    label_betas: bool,
+    baseline_x: float = 50.0,
+) -> None:
     betas = sorted({r["beta"] for r in rows if r["method"] == method})
     for i, beta in enumerate(betas):
         line = [
@@ -65,7 +73,7 @@ def _scatter(ax, rows: list[dict], method: str, color: str, baseline_acc: float 
         for r, x, y in zip(line, xs, ys):
             ax.annotate(f"{r['epoch']:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if baseline_acc is not None:
-        ax.scatter([50.0], [baseline_acc * 100], marker="*", color="black", s=90, zorder=4, label="SFT model")
+        ax.scatter([baseline_x], [baseline_acc * 100], marker="*", color="black", s=90, zorder=4, label="SFT model")
 
 
 def scatter_figure(
@@ -76,9 +84,12 @@ def scatter_figure(
     title: str,
     colors: dict[str, str],
     win_label: str = "win-rate",
+    x_label: str | None = None,
+    baseline_x: float = 50.0,
 ) -> Path | None:
     """Win-rate (x) vs LM accuracy (y), one panel per method: one colour per method, one marker
-    per beta, a beta's epochs connected (each point's epoch written next to it)."""
+    per beta, a beta's epochs connected (each point's epoch written next to it). Another x metric
+    can be put in ``win_rate`` with its ``x_label`` and the starting model's value ``baseline_x``."""
     rows = [r for r in seed_means([p for p in points if p.method in methods])]
     if not any(r["win_rate"] and r["lm_acc"] for r in rows):
         return None
@@ -87,9 +98,9 @@ def scatter_figure(
         1, len(methods), figsize=(4.2 * len(methods), 3.8), sharex=True, sharey=True, squeeze=False
     )
     for ax, method in zip(axes[0], methods):
-        _scatter(ax, rows, method, colors[method], baseline_acc, label_betas=True)
+        _scatter(ax, rows, method, colors[method], baseline_acc, label_betas=True, baseline_x=baseline_x)
         ax.set_title(method, color=colors[method])
-        ax.set_xlabel(f"{win_label} vs SFT (%)")
+        ax.set_xlabel(x_label or f"{win_label} vs SFT (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     axes[0][0].set_ylabel("LM accuracy (%)")

@@ -100,6 +100,8 @@ def markdown_report(
     settings = seed_means(points)
     if any(r["task_accuracy"] for r in settings):
         lines += _task_accuracy_table(settings, results.baseline_task_accuracy, win_label) + [""]
+        if figures.get("scatter_task"):
+            lines += [f"![task accuracy vs LM accuracy]({figures['scatter_task'].name})", ""]
     lines += ["## Table 1: win-rate at the checkpoint of peak LM accuracy (over all β and epochs)", ""]
     raw = ["raw win-rate"] if results.length_controlled else []
     lines += _table(
@@ -358,6 +360,21 @@ def write_report(
             "as above, raw win-rate",
             colors,
             "raw win-rate",
+        )
+    if any(p.task_accuracy is not None for p in points):
+        task_points = [
+            replace(p, win_rate=p.task_accuracy * 100 if p.task_accuracy is not None else None) for p in points
+        ]
+        base = results.baseline_task_accuracy
+        figures["scatter_task"] = scatter_figure(
+            task_points,
+            mains,
+            out / "task_accuracy_vs_lm_accuracy.png",
+            results.baseline_lm_acc,
+            "task accuracy of greedy answers on held-out prompts; seed means, lines join a β's epochs",
+            colors,
+            x_label="task accuracy (%)",
+            baseline_x=base * 100 if base is not None else 50.0,
         )
     text, data = markdown_report(results, figures, command, notes)
     (out / "report.md").write_text(text)
