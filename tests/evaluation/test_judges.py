@@ -343,6 +343,24 @@ def test_programmatic_judge_grades_from_example_metadata():
     assert ProgrammaticJudge(grade).judge("q", "a", "b").error  # no example metadata: an error, not a guess
 
 
+def test_programmatic_verdicts_follow_the_metadata_not_a_cache(tmp_path):
+    """Same instruction and outputs, new metadata (a corrected answer): the verdict follows it."""
+
+    def grade(example, output):
+        return int(output.strip() == example["answer"])
+
+    sft = [{"instruction": "2 + 2?", "output": "5", "generator": "s"}]
+    cache = tmp_path / "judge_cache.jsonl"
+    first = judge_pairs(
+        ProgrammaticJudge(grade), [{"instruction": "2 + 2?", "output": "4", "answer": "4"}], sft, cache_path=cache
+    )
+    again = judge_pairs(
+        ProgrammaticJudge(grade), [{"instruction": "2 + 2?", "output": "4", "answer": "5"}], sft, cache_path=cache
+    )
+    assert [first[0]["preference"], again[0]["preference"]] == [1.0, 0.0]
+    assert not again[0]["cached"] and not cache.exists()
+
+
 def test_pairs_must_line_up():
     with pytest.raises(ValueError, match="record 1: the instructions differ"):
         judge_pairs(QualityJudge(), records(["a", "b"], "m", ["i0", "i1"]), records(["c", "d"], "s", ["i0", "other"]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +80,33 @@ def test_two_training_steps_on_the_imported_model(imported, tmp_path):
     start = load_pretrained(imported.output_dir, dtype=torch.float32)
     name = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(trained.state_dict()[name], start.state_dict()[name])
+
+
+def test_programmatic_judge_grades_with_the_whole_prompt_row(imported, tmp_path):
+    """The verifiers read list-valued metadata (an addition's operands) that the AlpacaEval-format
+    output files leave out: "The sum of 1 and 8 is 9." is right only when the operands are known."""
+    from mmpo.evaluation.checkpoint_eval import EvalSettings, evaluate_checkpoint
+    from mmpo.pairs.verifiers import verify_by_task
+    from mmpo.smolworld.build import smolworld_path
+
+    rows = [json.loads(line) for line in smolworld_path("data/prompts_heldout.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["task"] == "add"][:4]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = EvalSettings(
+        baseline=str(imported.output_dir),
+        prompts=str(prompts),
+        judge=("programmatic",),
+        harness=(),
+        rewards=False,
+        max_new_tokens=24,
+        batch_size=4,
+        progress=False,
+        output=str(tmp_path / "eval"),
+    )
+    results = evaluate_checkpoint(imported.output_dir, settings)
+    outputs = json.loads(Path(results["winrate"]["model_outputs"]).read_text())
+    assert all("operands" not in r for r in outputs)  # the file holds scalar metadata only
+    right = [verify_by_task(row, out["output"]) == 1 for row, out in zip(rows, outputs)]
+    assert any(right), [o["output"] for o in outputs]  # e.g. "The sum of 1 and 8 is 9."
+    assert results["winrate"]["correct_rate"] == {"model": sum(right) / 4, "baseline": sum(right) / 4}

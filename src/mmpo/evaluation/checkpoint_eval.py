@@ -170,8 +170,9 @@ def checkpoint_files_fingerprint(model_dir: Path) -> str:
 
 
 def _run_judge(
-    judge, model_records: list[dict], base_records: list[dict], out_dir: Path, s: EvalSettings
+    judge, model_records: list[dict], graded: list[dict], base_records: list[dict], out_dir: Path, s: EvalSettings
 ) -> list[dict]:
+    """``graded``: the model's records merged into their whole prompt rows (what this package's judges see)."""
     from mmpo.evaluation.alpaca_annotator import AlpacaEvalAnnotator
     from mmpo.evaluation.judging import judge_pairs
 
@@ -181,7 +182,7 @@ def _run_judge(
             model_records, base_records, cache_path=cache_dir / f"{judge.config}.json", work_dir=cache_dir
         )
     return judge_pairs(
-        judge, model_records, base_records, cache_path=out_dir / "judge_cache.jsonl", seed=s.seed, progress=s.progress
+        judge, graded, base_records, cache_path=out_dir / "judge_cache.jsonl", seed=s.seed, progress=s.progress
     )
 
 
@@ -202,9 +203,12 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
     base_records = generate_or_reuse(
         s.baseline, prompts, generation_settings(s), ref_path, generator=base_gen, shared_cache=True, **common
     )
+    # The files keep scalar metadata only (AlpacaEval's format); graders get the prompt rows whole
+    # (a verifier may read lists such as the operands or the accepted spellings).
+    graded = [{**row, **record} for row, record in zip(prompts, model_records)]
     per_judge = {}
     for judge in judges:
-        rows = _run_judge(judge, model_records, base_records, out_dir, s)
+        rows = _run_judge(judge, model_records, graded, base_records, out_dir, s)
         summary = summarize_judgments(rows)
         if s.lc_v1_data:
             from mmpo.evaluation.lc_v1 import length_controlled_v1_win_rate
@@ -222,10 +226,12 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
         # Task accuracy: the share of answers the verifier scores 1 (the world's tasks: exactly the concise answer).
         from mmpo.pairs.verifiers import verify_by_task
 
-        part["correct_rate"] = {
-            "model": sum(verify_by_task(r, r["output"]) == 1 for r in model_records) / len(model_records),
-            "baseline": sum(verify_by_task(r, r["output"]) == 1 for r in base_records) / len(base_records),
-        }
+        def share_right(records: list[dict]) -> float:
+            return sum(verify_by_task({**row, **r}, r["output"]) == 1 for row, r in zip(prompts, records)) / len(
+                records
+            )
+
+        part["correct_rate"] = {"model": share_right(model_records), "baseline": share_right(base_records)}
     part.update(
         model_outputs=str(model_path),
         reference_outputs=str(ref_path),

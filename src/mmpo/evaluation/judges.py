@@ -398,10 +398,14 @@ class AnthropicJudge:
 
 @dataclass
 class ProgrammaticJudge:
-    """For tasks with checkable answers: A is better if ``grade_fn(example, A)`` is higher; equal = tie."""
+    """For tasks with checkable answers: A is better if ``grade_fn(example, A)`` is higher; equal = tie.
+
+    Not cached: a verdict costs nothing to recompute and depends on the example's metadata, which
+    the judgment cache's key does not hold."""
 
     grade_fn: Callable[[Mapping, str], int]
     label: str | None = None
+    cacheable = False
 
     @property
     def name(self) -> str:

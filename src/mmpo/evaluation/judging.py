@@ -140,7 +140,7 @@ def judge_pairs(
     if check_ready is not None:
         check_ready()
     identity = judge.identity
-    cache = JudgmentCache(cache_path) if cache_path is not None else None
+    cache = JudgmentCache(cache_path) if cache_path is not None and getattr(judge, "cacheable", True) else None
     coin = random.Random(seed)
     flips = [coin.random() < 0.5 for _ in records_a]  # one seeded coin per example: show B first?
     stop = threading.Event()
