@@ -52,3 +52,15 @@ def test_a_damaged_run_config_is_one_clear_error(tmp_path):
 def test_limit_zero_is_refused(tmp_path):
     proc = mmpo_eval("--limit", "0", "--harness", "--no-rewards")
     assert proc.returncode == 2 and "limit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_programmatic_judge_on_prompts_without_a_task_fails_before_generating(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"instruction": "What is 2 + 2?", "task": "add", "answer": "4"}\n{"instruction": "Hi"}\n')
+    model = bundled_path("sft_model")
+    args = ["--baseline", str(model), "--prompts", str(prompts), "--no-rewards", "--harness"]
+    proc = mmpo_eval(str(model), *args, "--output", str(tmp_path / "eval"))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "prompt 1 of" in proc.stderr and "no gradable task" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("model_outputs.json"))  # nothing was generated

@@ -47,8 +47,9 @@ class EvalSettings:
     """Prompt set: a JSON/JSONL file with an 'instruction' column, or tatsu-lab/alpaca_eval (805 prompts)."""
     judge: tuple[str, ...] = ("programmatic",)
     """Judges: alpaca_eval:CONFIG (AlpacaEval's own annotator, e.g. the paper's
-    alpaca_eval:weighted_alpaca_eval_gpt-4o-mini-2024-07-18), programmatic (each prompt row's verifier, by its task), and this package's
-    openai:MODEL (log-prob weighted), openai-binary:MODEL, anthropic:MODEL."""
+    alpaca_eval:weighted_alpaca_eval_gpt-4o-mini-2024-07-18), programmatic (each prompt row's
+    verifier, by its task; also reports task accuracy), and this package's openai:MODEL (log-prob
+    weighted), openai-binary:MODEL, anthropic:MODEL."""
     max_new_tokens: int = 512
     """Generation length limit."""
     temperature: float = 0.0
@@ -119,6 +120,19 @@ def check_settings(s: EvalSettings) -> None:
         raise ConfigError(f"--lc-v1-data {s.lc_v1_data}: file not found (AlpacaEval's df_gamed.csv)")
     if s.winrate and not s.judge:
         raise ConfigError("--winrate needs at least one --judge (or pass --no-winrate)")
+
+
+def check_gradable(prompts: list[dict], source: str) -> None:
+    """The programmatic judge needs every prompt row to name a task with a verifier; said before generating."""
+    from mmpo.pairs.verifiers import FAMILIES, WORLD_TASK_NAMES
+
+    known = (*FAMILIES, *WORLD_TASK_NAMES)
+    for i, row in enumerate(prompts):
+        if row.get("task") not in known or "answer" not in row:
+            raise ConfigError(
+                f"--judge programmatic: prompt {i} of {source} has no gradable task (task {row.get('task')!r}; "
+                f"it needs 'task' in {', '.join(known)} and an 'answer'); use another judge for these prompts"
+            )
 
 
 def generation_settings(s: EvalSettings) -> dict[str, Any]:
@@ -193,6 +207,8 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
     from mmpo.evaluation.winrate import average_over_judges, summarize_judgments
 
     prompts = eval_prompts(s)
+    if any(j.startswith("programmatic") for j in s.judge):
+        check_gradable(prompts, s.prompts)
     model_gen = generator_name(model_dir)
     base_gen = baseline_name(s.baseline, model_gen)
     model_path, ref_path = out_dir / "model_outputs.json", out_dir / "reference_outputs.json"
