@@ -175,7 +175,8 @@ def explain(error: BaseException, argv: Sequence[str] = ()) -> Failure | None:
 def _say(console: Console, label: str, text: str, style: str) -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    console.print(Text(prefix) + Text(label, style=style) + Text(text))  # Text: user text is never markup
+    # Text: user text is never markup; soft_wrap: one line whatever the width (paths stay whole, greppable)
+    console.print(Text(prefix) + Text(label, style=style) + Text(text), soft_wrap=True)
 
 
 @contextmanager

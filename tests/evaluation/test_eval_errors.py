@@ -20,7 +20,8 @@ def mmpo_eval(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_a_run_folder_without_checkpoints_is_named_as_such(tmp_path):
-    run = tmp_path / "run"
+    run = tmp_path / ("a-long-folder-name-so-that-the-message-is-wider-than-a-terminal" * 2) / "run"
+    run.parent.mkdir()
     run.mkdir()
     (run / "config.yaml").write_text("objective: mmpo\n")
     (run / "metrics.jsonl").write_text("")
@@ -31,6 +32,7 @@ def test_a_run_folder_without_checkpoints_is_named_as_such(tmp_path):
         resolve_checkpoint(run)
     proc = mmpo_eval(str(run), "--no-winrate", "--harness")
     assert proc.returncode == 2 and "run folder without a complete checkpoint" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and str(run) in proc.stderr  # one line, the path whole
     assert "tokenizer" not in proc.stderr and "Traceback" not in proc.stderr
 
 

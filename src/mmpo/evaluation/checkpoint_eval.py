@@ -128,10 +128,10 @@ def check_gradable(prompts: list[dict], source: str) -> None:
 
     known = (*FAMILIES, *WORLD_TASK_NAMES)
     for i, row in enumerate(prompts):
-        if row.get("task") not in known or "answer" not in row:
+        if row.get("task", known[0]) not in known or "answer" not in row:
             raise ConfigError(
                 f"--judge programmatic: prompt {i} of {source} has no gradable task (task {row.get('task')!r}; "
-                f"it needs 'task' in {', '.join(known)} and an 'answer'); use another judge for these prompts"
+                f"it needs an 'answer', and a 'task' if any, in {', '.join(known)}); use another judge for these"
             )
 
 

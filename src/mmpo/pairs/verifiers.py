@@ -29,11 +29,12 @@ def verify_world(example: Mapping, completion: str) -> float:
 
 
 def verify_by_task(example: Mapping, completion: str) -> float:
-    """Dispatch on the row's ``task``: a real-model family (add, multiply, capital) or a world task."""
+    """Dispatch on the row's ``task``: a real-model family (add, multiply, capital) or a world task.
+    A row with an ``answer`` and no ``task`` is graded by the world's rule (exact 1, contained 0.5)."""
     task = example.get("task")
     if task in FAMILIES:
         return FAMILIES[task].verify(example, completion)
-    if task in WORLD_TASK_NAMES:
+    if task in WORLD_TASK_NAMES or (task is None and "answer" in example):
         return verify_world(example, completion)
     known = ", ".join((*FAMILIES, *WORLD_TASK_NAMES))
     raise ValueError(f"no built-in verifier for task {task!r} (known tasks: {known})")
