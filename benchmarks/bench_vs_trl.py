@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -317,17 +318,10 @@ def folder_parameters(model_dir: Path) -> int:
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), "pt") as handle:
             for name in handle.keys():
-                total += _numel(handle.get_slice(name))
+                total += math.prod(handle.get_slice(name).get_shape())
     if not total:
         raise SystemExit(f"--model {model_dir}: no safetensors weights there (import a GGUF with `mmpo model import`)")
     return total
-
-
-def _numel(tensor_slice) -> int:
-    count = 1
-    for dim in tensor_slice.get_shape():
-        count *= dim
-    return count
 
 
 def bench_rows(args, count: int) -> list[dict]:
