@@ -386,8 +386,8 @@ def vs_trl(args) -> int:
         else (args.tiny_batch, args.tiny_warmup, args.tiny_steps)
         for size in sizes
     }
-    for batch, warmup, steps in shapes.values():  # a short pairs file fails here, before any model is made
-        bench_rows(args, batch * (warmup + steps))
+    # Read once; a short pairs file fails here, before any model is made.
+    rows_for = {size: bench_rows(args, batch * (warmup + steps)) for size, (batch, warmup, steps) in shapes.items()}
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mmpo-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = bench_tokenizer() if any(size in SIZES for size in sizes) else None  # the synthetic models'
@@ -414,7 +414,7 @@ def vs_trl(args) -> int:
             model_dir = Path(args.model).resolve()
             params = folder_parameters(model_dir)
         data_file = workdir / f"pairs-{size}.jsonl"
-        rows = bench_rows(args, batch * (warmup + steps))
+        rows = rows_for[size]
         data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         flops = timed_step_flops(size, model_dir, data_file, (batch, warmup, steps, args.seed, params))
         print(

@@ -124,14 +124,13 @@ def check_settings(s: EvalSettings) -> None:
 
 def check_gradable(prompts: list[dict], source: str) -> None:
     """The programmatic judge needs every prompt row to name a task with a verifier; said before generating."""
-    from mmpo.pairs.verifiers import FAMILIES, WORLD_TASK_NAMES
+    from mmpo.pairs.verifiers import KNOWN_TASKS, task_verifier
 
-    known = (*FAMILIES, *WORLD_TASK_NAMES)
     for i, row in enumerate(prompts):
-        if row.get("task", known[0]) not in known or "answer" not in row:
+        if task_verifier(row) is None or "answer" not in row:
             raise ConfigError(
                 f"--judge programmatic: prompt {i} of {source} has no gradable task (task {row.get('task')!r}; "
-                f"it needs an 'answer', and a 'task' if any, in {', '.join(known)}); use another judge for these"
+                f"it needs an 'answer', and a 'task' if any, in {', '.join(KNOWN_TASKS)}); use another judge for these"
             )
 
 
@@ -207,7 +206,8 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
     from mmpo.evaluation.winrate import average_over_judges, summarize_judgments
 
     prompts = eval_prompts(s)
-    if any(j.startswith("programmatic") for j in s.judge):
+    programmatic = any(j.startswith("programmatic") for j in s.judge)
+    if programmatic:
         check_gradable(prompts, s.prompts)
     model_gen = generator_name(model_dir)
     base_gen = baseline_name(s.baseline, model_gen)
@@ -222,6 +222,7 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
     # The files keep scalar metadata only (AlpacaEval's format); graders get the prompt rows whole
     # (a verifier may read lists such as the operands or the accepted spellings).
     graded = [{**row, **record} for row, record in zip(prompts, model_records)]
+    graded_base = [{**row, **record} for row, record in zip(prompts, base_records)]
     per_judge = {}
     for judge in judges:
         rows = _run_judge(judge, model_records, graded, base_records, out_dir, s)
@@ -238,16 +239,14 @@ def measure_winrate(model_dir: Path, judges: list, s: EvalSettings, out_dir: Pat
         if failed:
             say(f"judge {judge.name}: {failed} judgments failed; they are excluded and a rerun retries them")
     part = average_over_judges(per_judge)
-    if any(j.startswith("programmatic") for j in s.judge):
+    if programmatic:
         # Task accuracy: the share of answers the verifier scores 1 (the world's tasks: exactly the concise answer).
         from mmpo.pairs.verifiers import verify_by_task
 
-        def share_right(records: list[dict]) -> float:
-            return sum(verify_by_task({**row, **r}, r["output"]) == 1 for row, r in zip(prompts, records)) / len(
-                records
-            )
+        def share_right(rows: list[dict]) -> float:
+            return sum(verify_by_task(r, r["output"]) == 1 for r in rows) / len(rows)
 
-        part["correct_rate"] = {"model": share_right(model_records), "baseline": share_right(base_records)}
+        part["correct_rate"] = {"model": share_right(graded), "baseline": share_right(graded_base)}
     part.update(
         model_outputs=str(model_path),
         reference_outputs=str(ref_path),

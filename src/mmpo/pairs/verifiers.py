@@ -28,16 +28,29 @@ def verify_world(example: Mapping, completion: str) -> float:
     return world_grade(example, completion) / 2
 
 
-def verify_by_task(example: Mapping, completion: str) -> float:
-    """Dispatch on the row's ``task``: a real-model family (add, multiply, capital) or a world task.
-    A row with an ``answer`` and no ``task`` is graded by the world's rule (exact 1, contained 0.5)."""
+KNOWN_TASKS = (*FAMILIES, *WORLD_TASK_NAMES)
+
+
+def task_verifier(example: Mapping) -> Verifier | None:
+    """The verifier for the row's ``task``: a real-model family (add, multiply, capital) or a world
+    task; a row with an ``answer`` and no ``task`` gets the world's rule (exact 1, contained 0.5).
+    None when the row names no known task."""
     task = example.get("task")
     if task in FAMILIES:
-        return FAMILIES[task].verify(example, completion)
+        return FAMILIES[task].verify
     if task in WORLD_TASK_NAMES or (task is None and "answer" in example):
-        return verify_world(example, completion)
-    known = ", ".join((*FAMILIES, *WORLD_TASK_NAMES))
-    raise ValueError(f"no built-in verifier for task {task!r} (known tasks: {known})")
+        return verify_world
+    return None
+
+
+def verify_by_task(example: Mapping, completion: str) -> float:
+    """Grade with :func:`task_verifier`'s choice for the row."""
+    verify = task_verifier(example)
+    if verify is None:
+        raise ValueError(
+            f"no built-in verifier for task {example.get('task')!r} (known tasks: {', '.join(KNOWN_TASKS)})"
+        )
+    return verify(example, completion)
 
 
 BUILTIN_VERIFIERS: dict[str, Verifier] = {
